@@ -1,0 +1,30 @@
+# The two commands of the README contract:
+#   make run   - set up .venv if missing, then run the main job on the embedded default
+#   make test  - set up .venv if missing, then run the test suite
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test setup clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 is installed first and on its own: pip resolves it to the CPU wheel on local disk.
+# --no-build-isolation: an isolated build env would pull the newest (CUDA) torch from the registry.
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet "torch==2.13.0"
+	$(VPY) -m pip install --quiet "setuptools>=70" wheel ninja
+	$(VPY) -m pip install --quiet --no-build-isolation -e '.[dev]'
+	$(VPY) -c "import torch; assert '+cpu' in torch.__version__ or not torch.cuda.is_available(), torch.__version__"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/mobilemoe demo
+
+test: $(STAMP)
+	$(VPY) -m pytest
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

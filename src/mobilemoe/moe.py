@@ -1,0 +1,125 @@
+"""The MoE feed-forward block: router, stacked routed experts, and the always-on shared expert.
+
+Routing (MobileMoE, ``router_type="sigmoid"``), per token with hidden state h:
+    s       = sigmoid(h @ router.T)                      (fp32)
+    chosen  = top-k of (s + expert_bias), ties to the lower index   (bias steers selection only)
+    weights = s[chosen] / sum(s[chosen]) * routed_scaling_factor    (renormalised if norm_topk_prob)
+    out     = sum_j weights_j * expert_{chosen_j}(h) + shared_expert(h)
+
+``router_type="softmax"`` (Mixtral/Qwen style) uses p = softmax(logits) in place of s.
+
+Dispatch groups tokens by expert: one stable argsort of the (token, slot) assignments, then one
+matmul per expert over its contiguous slice of tokens (the mlx-lm ``switch_layers`` idea). There is
+never a Python loop over tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mobilemoe.config import MobileMoEConfig
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``: the shared expert and the dense FFN."""
+
+    def __init__(self, hidden: int, width: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, width, bias=False)
+        self.up_proj = nn.Linear(hidden, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class StackedExperts(nn.Module):
+    """E SwiGLU experts stored as two stacked tensors, laid out as in the released checkpoints:
+    ``gate_up_proj`` [E, H, 2I] (gate = first I columns, up = second I) and ``down_proj`` [E, I, H],
+    so expert e computes ``(silu(x @ Wg) * (x @ Wu)) @ Wd`` with ``y = x @ W[e]``."""
+
+    def __init__(self, num_experts: int, hidden: int, width: int) -> None:
+        super().__init__()
+        self.width = width
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden, 2 * width))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, width, hidden))
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = (x @ self.gate_up_proj[e]).split(self.width, dim=-1)
+        return (F.silu(gate) * up) @ self.down_proj[e]
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, H]; expert_ids, weights [N, k]. Returns sum_j weights[:, j] * expert_{ids[:, j]}(x)."""
+        n_tokens, k = expert_ids.shape
+        flat_ids = expert_ids.reshape(-1)
+        order = torch.argsort(flat_ids, stable=True)  # group the N*k assignments by expert
+        token_of = order // k
+        counts = torch.bincount(flat_ids, minlength=self.gate_up_proj.shape[0]).tolist()
+        x_sorted = x[token_of]
+        w_sorted = weights.reshape(-1)[order].unsqueeze(-1).to(x.dtype)
+        outputs = []
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue  # an expert no token chose is never touched
+            end = start + count
+            outputs.append(self.expert_forward(e, x_sorted[start:end]))
+            start = end
+        y_sorted = torch.cat(outputs, dim=0) * w_sorted
+        return torch.zeros_like(x).index_add_(0, token_of, y_sorted)
+
+
+@dataclass
+class RouterOutput:
+    logits: torch.Tensor  # [N, E] fp32, before sigmoid/softmax
+    expert_ids: torch.Tensor  # [N, k] chosen experts, best first
+    weights: torch.Tensor  # [N, k] fp32 combine weights (incl. routed_scaling_factor)
+
+
+def route(logits: torch.Tensor, expert_bias: torch.Tensor, cfg: MobileMoEConfig) -> RouterOutput:
+    """Choose top-k experts per token from fp32 router logits (see module docstring)."""
+    if cfg.router_type == "sigmoid":
+        scores = torch.sigmoid(logits)
+    else:
+        scores = torch.softmax(logits, dim=-1)
+    selection = scores + expert_bias.float()
+    # A stable descending sort keeps equal scores in index order: ties go to the lower index.
+    order = torch.sort(selection, dim=-1, descending=True, stable=True).indices
+    expert_ids = order[..., : cfg.num_experts_per_tok]
+    weights = scores.gather(-1, expert_ids)
+    if cfg.norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    weights = weights * cfg.routed_scaling_factor
+    return RouterOutput(logits=logits, expert_ids=expert_ids, weights=weights)
+
+
+class MoEBlock(nn.Module):
+    """Router + stacked routed experts + optional shared expert (module names match checkpoints)."""
+
+    def __init__(self, cfg: MobileMoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        E, H = cfg.num_local_experts, cfg.hidden_size
+        self.router = nn.Linear(H, E, bias=False)
+        # Selection-only bias, updated by the aux-loss-free balancer, never by gradients. A frozen
+        # Parameter (not a buffer) so it is counted, cast and saved like every other tensor.
+        self.expert_bias = nn.Parameter(torch.zeros(E), requires_grad=False)
+        self.experts = StackedExperts(E, H, cfg.intermediate_size)
+        self.shared_expert = SwiGLU(H, cfg.intermediate_size_mlp) if cfg.num_shared_experts else None
+
+    def router_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 router logits for flattened hidden states [N, H]."""
+        return F.linear(h.float(), self.router.weight.float())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+        shape = x.shape
+        h = x.reshape(-1, shape[-1])
+        routing = route(self.router_logits(h), self.expert_bias, self.cfg)
+        out = self.experts(h, routing.expert_ids, routing.weights)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(h)
+        return out.reshape(shape), routing
