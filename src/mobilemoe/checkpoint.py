@@ -233,15 +233,20 @@ def dequantized_state_dict(cfg: MobileMoEConfig, tensors: dict[str, torch.Tensor
 
 
 def load_model(ckpt_dir: str | os.PathLike, dtype: torch.dtype | None = None):
-    """Load a checkpoint into the reference :class:`MobileMoEForCausalLM` (INT4 files are dequantized).
+    """Load a checkpoint into the reference :class:`MobileMoEForCausalLM`.
 
-    Parameters are assigned from the (memory-mapped) file tensors, so no second random-initialised
-    copy is ever allocated. ``dtype`` casts floating tensors except routers, which stay fp32.
+    INT4 checkpoints are decoded exactly (``code * scale`` in fp32; bf16 would round the up to 14
+    significant bits of a code times an fp16 scale) and, unless ``dtype`` says otherwise, loaded in
+    fp32, so the result matches the QAT forward that produced them bit for bit. Parameters are
+    assigned from the file tensors, so no second random-initialised copy is ever allocated.
+    ``dtype`` casts floating tensors except routers, which stay fp32.
     """
     from mobilemoe.model import MobileMoEForCausalLM
 
     cfg, tensors = load_tensors(ckpt_dir)
-    state = dequantized_state_dict(cfg, tensors)
+    state = dequantized_state_dict(cfg, tensors, dtype=torch.float32)
+    if dtype is None and cfg.is_quantized:
+        dtype = torch.float32
     if dtype is not None:
         routers = {s.name for s in tensor_specs(cfg) if s.role == "router"}
         state = {k: (v if k in routers or not v.is_floating_point() else v.to(dtype)) for k, v in state.items()}

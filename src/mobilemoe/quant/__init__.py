@@ -16,7 +16,6 @@ from mobilemoe.quant.convert import (
     QuantizeError,
     QuantizeReport,
     int4_config,
-    load_int4_model,
     quantize_checkpoint,
     quantize_state_dict,
 )
@@ -31,6 +30,6 @@ from mobilemoe.quant.qat import (
 )
 
 __all__ = ["GROUP_SIZE", "QMAX", "QMIN", "dequantize", "fake_quantize", "pack_int4", "quantize", "unpack_int4",
-           "QuantizeError", "QuantizeReport", "int4_config", "load_int4_model", "quantize_checkpoint",
+           "QuantizeError", "QuantizeReport", "int4_config", "quantize_checkpoint",
            "quantize_state_dict", "QATError", "fake_quantize_int8_per_token", "fake_quantize_ste", "is_qat",
            "prepare_qat", "qat_weights", "remove_qat"]
