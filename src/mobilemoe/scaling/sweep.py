@@ -1,0 +1,243 @@
+"""Sweep driver: train a grid of small models, one row per finished run in a JSONL run table.
+
+The driver is built around one callable, ``train_one(config, tokens, out_dir) -> final_val_loss``
+(:data:`TrainOne`); :func:`recipe_train_one` wires it to the project's trainer
+(:func:`mobilemoe.train.run.run_recipe`), and tests pass a fake.
+
+Resumable: the run table (``runs.jsonl``) is rewritten atomically (temp file + rename) after every
+run, so a crash never leaves a half-written row; on restart, every run whose key already has a
+``status: done`` row is skipped. A failed run is recorded as ``status: failed`` (with the error)
+and retried on the next start.
+
+Grid syntax (``--grid``): ``;``- or space-separated ``name=v1,v2,...`` lists over the
+:class:`~mobilemoe.scaling.space.Arch` fields (``d_model``, ``layers``, ``E``, ``g``, ``k``, ``s``,
+``vocab``, ``ffn_ratio``, ``head_dim``, ``kv_heads``, ``heads``) and ``tokens``; ``layers=rule``
+uses the tiers' depth rule; ``s=half`` isolates half of the active slots into a shared expert.
+Example: ``d_model=128,192 layers=4 E=1,4,8 g=1,4 k=1 s=0,half tokens=2e6,4e6``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from mobilemoe.config import MobileMoEConfig
+from mobilemoe.errors import MobileMoEError
+from mobilemoe.scaling.space import Arch, SpaceError, rule_layers, stats
+
+TrainOne = Callable[[MobileMoEConfig, int, Path], float]
+GRID_INT_FIELDS = ("d_model", "layers", "E", "g", "k", "vocab", "ffn_ratio", "head_dim", "kv_heads", "heads")
+
+
+class SweepError(MobileMoEError, ValueError):
+    """A grid spec or run table is malformed (the message names the field or line)."""
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    arch: Arch
+    tokens: int
+
+    @property
+    def key(self) -> str:
+        a = self.arch
+        return (f"d{a.d_model}-L{a.layers}-E{a.E}-g{a.g}-k{a.k}-s{a.s}-v{a.vocab}-f{a.ffn_ratio}"
+                f"-h{a.n_heads}x{a.head_dim}kv{a.kv_heads}-T{self.tokens}")
+
+
+def parse_grid(text: str, defaults: dict[str, Any] | None = None) -> list[SweepPoint]:
+    """A grid spec -> the valid points of its Cartesian product (invalid combinations, e.g. ``E < k``
+    or an expert width that is not a whole number, are dropped)."""
+    values: dict[str, list[Any]] = {}
+    for item in text.replace(";", " ").split():
+        if "=" not in item:
+            raise SweepError(f"grid item {item!r}: expected name=v1,v2,...")
+        name, raw = item.split("=", 1)
+        name = name.strip()
+        if name not in GRID_INT_FIELDS + ("s", "tokens"):
+            raise SweepError(f"grid field '{name}': unknown (known: {', '.join(GRID_INT_FIELDS + ('s', 'tokens'))})")
+        parsed: list[Any] = []
+        for v in raw.split(","):
+            v = v.strip()
+            if not v:
+                continue
+            if (name == "layers" and v == "rule") or (name == "s" and v == "half"):
+                parsed.append(v)
+                continue
+            try:
+                f = float(v)
+            except ValueError:
+                raise SweepError(f"grid field '{name}': expected numbers, got {v!r}") from None
+            if f != int(f) or f < 0 or (f == 0 and name != "s"):
+                raise SweepError(f"grid field '{name}': expected positive integers, got {v!r}")
+            parsed.append(int(f))
+        if not parsed:
+            raise SweepError(f"grid field '{name}': no values")
+        values[name] = parsed
+    base = dict(defaults or {})
+    for req in ("d_model", "tokens"):
+        if req not in values and req not in base:
+            raise SweepError(f"grid field '{req}': missing (e.g. '{req}=128,192')")
+    names = list(values)
+    points: list[SweepPoint] = []
+    for combo in itertools.product(*(values[n] for n in names)):
+        kw = dict(base)
+        kw.update(zip(names, combo))
+        tokens = int(kw.pop("tokens"))
+        kw.setdefault("layers", "rule")
+        if kw["layers"] == "rule":
+            kw["layers"] = rule_layers(kw["d_model"])
+        k, g = kw.get("k", 1), kw.get("g", 1)
+        if kw.get("s") == "half":
+            kw["s"] = (k * g) // 2
+        arch = Arch(**{n: v for n, v in kw.items() if n in GRID_INT_FIELDS + ("s", "tie_embeddings")})
+        if arch.is_dense:
+            arch = Arch(**{**arch.to_dict(), "g": 1, "s": 0})  # dense ignores g and s
+        try:
+            arch.check()
+            arch.to_config()
+        except (SpaceError, MobileMoEError):
+            continue
+        points.append(SweepPoint(arch, tokens))
+    return list(dict.fromkeys(points))
+
+
+class RunTable:
+    """The JSONL run table. Rows are keyed by :attr:`SweepPoint.key`; the last row of a key wins."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        out = []
+        for i, line in enumerate(self.path.read_text(encoding="utf-8").splitlines()):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise SweepError(f"{self.path}:{i + 1}: not valid JSON ({exc}); fix or remove that line") from None
+        return out
+
+    def latest(self) -> dict[str, dict[str, Any]]:
+        return {r["key"]: r for r in self.rows() if "key" in r}
+
+    def done(self) -> set[str]:
+        return {k for k, r in self.latest().items() if r.get("status") == "done"}
+
+    def append(self, row: dict[str, Any]) -> None:
+        """Add one row atomically: the whole table is rewritten to a temp file and renamed over."""
+        from mobilemoe.utils import atomic_write_text
+
+        text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+        if text and not text.endswith("\n"):
+            text += "\n"
+        atomic_write_text(self.path, text + json.dumps(row, sort_keys=False) + "\n")
+
+
+def run_record(point: SweepPoint, **fields: Any) -> dict[str, Any]:
+    st = stats(point.arch)
+    a = point.arch
+    row = {"key": point.key, **{k: getattr(a, k) for k in ("d_model", "layers", "E", "g", "k", "s", "vocab",
+                                                              "ffn_ratio", "head_dim", "kv_heads")},
+           "heads": a.n_heads, "tokens": point.tokens, "n_act": st.active_params, "e": a.e_law,
+           "family": "dense" if a.is_dense else a.family.key(), "total_params": st.total_params,
+           "int4_bytes": st.int4_bytes, "label": a.label()}
+    row.update(fields)
+    return row
+
+
+def run_sweep(points: Iterable[SweepPoint], train_one: TrainOne, table: str | os.PathLike,
+              out_root: str | os.PathLike, log: Callable[[str], None] | None = print,
+              stop_on_error: bool = False) -> dict[str, Any]:
+    """Train every point not yet done; returns counts ``{"done", "skipped", "failed"}``."""
+    table_ = RunTable(table)
+    done = table_.done()
+    out_root = Path(out_root)
+    counts = {"done": 0, "skipped": 0, "failed": 0}
+    points = list(points)
+    for i, p in enumerate(points, 1):
+        if p.key in done:
+            counts["skipped"] += 1
+            if log:
+                log(f"[{i}/{len(points)}] {p.key}: done already, skipped")
+            continue
+        if log:
+            log(f"[{i}/{len(points)}] {p.key}: training {p.arch.label()} on {p.tokens:.3g} tokens")
+        t0 = time.perf_counter()
+        try:
+            loss = float(train_one(p.arch.to_config(), p.tokens, out_root / p.key))
+            if not math.isfinite(loss):
+                raise SweepError(f"train_one returned a non-finite loss {loss}")
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - recorded, retried on the next start
+            table_.append(run_record(p, status="failed", error=f"{type(exc).__name__}: {exc}",
+                                     seconds=time.perf_counter() - t0, time=time.time()))
+            counts["failed"] += 1
+            if log:
+                log(f"    failed: {type(exc).__name__}: {exc}")
+            if stop_on_error:
+                raise
+            continue
+        table_.append(run_record(p, status="done", loss=loss, seconds=time.perf_counter() - t0, time=time.time()))
+        counts["done"] += 1
+        if log:
+            log(f"    val loss {loss:.4f} ({time.perf_counter() - t0:.1f} s)")
+    return counts
+
+
+def recipe_train_one(recipe_path: str | os.PathLike, stage: str | None = None, progress: bool = False) -> TrainOne:
+    """A ``train_one`` that trains with the project's trainer: the recipe's data, tokenizer and
+    optimiser settings (its first stage, or ``stage``), the sweep point's model config, and a
+    token budget of ``tokens`` (``max_steps = ceil(tokens / tokens_per_step)``)."""
+    import copy
+    import dataclasses
+
+    from mobilemoe.train.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    base_stage = recipe.stage(stage) if stage else recipe.stages[0]
+
+    def train_one(cfg: MobileMoEConfig, tokens: int, out_dir: Path) -> float:
+        from mobilemoe.train.recipe import ModelSpec
+        from mobilemoe.train.run import run_recipe
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        result_file = out_dir / "sweep_result.json"
+        if result_file.exists():  # trained before a crash that lost the table row
+            return float(json.loads(result_file.read_text(encoding="utf-8"))["val_loss"])
+        cfg_path = (out_dir / "sweep_config.json").resolve()
+        cfg.to_json(cfg_path)
+        r = copy.deepcopy(recipe)
+        r.model = ModelSpec(config=str(cfg_path), overrides={}, init_seed=recipe.model.init_seed)
+        s = dataclasses.replace(copy.deepcopy(base_stage), tokens=int(tokens), max_steps=None, name="pretrain")
+        r.stages = [s]
+        reports = run_recipe(r, out_dir, stage="pretrain", resume=True, progress=progress)
+        rep = reports[-1]
+        if rep.val_loss is None:
+            raise SweepError("the run produced no validation loss: give the recipe validation data "
+                             "(data.val_fraction > 0), or delete its directory if it finished without one")
+        from mobilemoe.utils import atomic_write_text
+
+        atomic_write_text(result_file, json.dumps({"val_loss": float(rep.val_loss), "steps": rep.steps,
+                                                   "tokens": rep.tokens, "seconds": rep.seconds}) + "\n")
+        return float(rep.val_loss)
+
+    return train_one
+
+
+def recipe_vocab(recipe_path: str | os.PathLike) -> int:
+    from mobilemoe.train.recipe import load_recipe
+    from mobilemoe.train.run import build_model_config_vocab
+
+    return build_model_config_vocab(load_recipe(recipe_path))
