@@ -18,6 +18,11 @@ COMMAND_MODULES = [
     "info",
     "demo",
     "quantize",
+    "generate",
+    "bench",
+    "train",
+    "plan",
+    "sweep",
 ]
 
 

@@ -1,0 +1,271 @@
+"""MoE vs dense at comparable INT4 memory: TTFT, prefill and decode speed, peak RSS, ceilings.
+
+Each (model, runtime) pair lives in its own worker process (so its peak RSS is its own) and is
+loaded once; measurements then alternate between the workers, context by context, for several
+repetitions, and the medians are reported. Every ratio is taken between numbers of the same run.
+
+Per context c: TTFT = time to prefill c random tokens into an empty cache; decode = tokens/s of
+``decode_tokens`` single-token steps right after that prefill (so at context c).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mobilemoe import accounting
+from mobilemoe.config import preset
+
+MOBILEMOE, LLAMA_CPP = "mobilemoe", "llama_cpp"
+
+
+@dataclass
+class BenchConfig:
+    moe: str = "mobilemoe-s"
+    dense: str = "mobilellm-pro-like"
+    contexts: list[int] = field(default_factory=lambda: [256, 1024, 2048, 4096])
+    decode_tokens: int = 32
+    repeats: int = 3
+    threads: int = 2
+    with_llama_cpp: bool = False
+    backend: str = "auto"
+    cache_dir: str = "runs/bench-models"
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------- workers
+def _worker(conn, runtime: str, path: str, max_ctx: int, threads: int, backend: str, seed: int) -> None:
+    """Load one model, then answer ("measure", ctx, n) / ("rss",) / ("stop",) requests."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from mobilemoe.bench.system import peak_rss_bytes
+
+    torch.set_num_threads(threads)
+    rss_before_load = peak_rss_bytes()
+    try:
+        if runtime == MOBILEMOE:
+            from mobilemoe.runtime import Engine
+
+            engine = Engine.load(path, max_seq_len=max_ctx, backend=backend)
+            vocab = engine.config.vocab_size
+
+            def measure(ctx: int, n: int) -> tuple[float, float]:
+                ids = rng.integers(0, vocab, ctx).tolist()
+                engine.reset()
+                t0 = time.perf_counter()
+                engine.prefill(ids)
+                ttft = time.perf_counter() - t0
+                toks = rng.integers(0, vocab, n).tolist()
+                t0 = time.perf_counter()
+                for tok in toks:
+                    engine.decode(tok)
+                return ttft, time.perf_counter() - t0
+        else:
+            from mobilemoe.bench.llamacpp import LlamaCppModel
+
+            model = LlamaCppModel(path, n_ctx=max_ctx, threads=threads, seed=seed)
+
+            def measure(ctx: int, n: int) -> tuple[float, float]:
+                model.clear()
+                ttft = model.prefill(model.random_ids(ctx))
+                return ttft, model.decode(n)
+        rng = np.random.default_rng(seed)
+        conn.send(("ready", {"rss_before_load": rss_before_load, "rss_after_load": peak_rss_bytes()}))
+    except Exception as exc:  # report load failures to the parent instead of dying silently
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    while True:
+        msg = conn.recv()
+        if msg[0] == "stop":
+            return
+        if msg[0] == "rss":
+            conn.send(("rss", peak_rss_bytes()))
+        elif msg[0] == "measure":
+            try:
+                conn.send(("measure", measure(msg[1], msg[2])))
+            except Exception as exc:
+                conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+class Worker:
+    def __init__(self, name: str, runtime: str, path: Path, max_ctx: int, cfg: BenchConfig) -> None:
+        ctx = mp.get_context("spawn")
+        self.name, self.runtime = name, runtime
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(child, runtime, str(path), max_ctx, cfg.threads,
+                                                      cfg.backend, cfg.seed), daemon=True)
+        self.proc.start()
+        self.load_info = self._expect("ready")
+
+    def _expect(self, kind: str) -> Any:
+        tag, payload = self.conn.recv()
+        if tag == "error":
+            raise RuntimeError(f"{self.runtime} worker for {self.name}: {payload}")
+        assert tag == kind, (tag, kind)
+        return payload
+
+    def measure(self, ctx: int, n: int) -> tuple[float, float]:
+        self.conn.send(("measure", ctx, n))
+        return self._expect("measure")
+
+    def peak_rss(self) -> int:
+        self.conn.send(("rss",))
+        return self._expect("rss")
+
+    def stop(self) -> None:
+        self.conn.send(("stop",))
+        self.proc.join(timeout=30)
+
+
+# ---------------------------------------------------------------------- model files
+def prepare_models(cfg: BenchConfig) -> dict[tuple[str, str], Path]:
+    """Random INT4 checkpoints (and GGUFs with --with-llama-cpp), cached under cache_dir."""
+    from mobilemoe.bench.random_int4 import write_random_int4_checkpoint
+
+    root = Path(cfg.cache_dir)
+    paths = {}
+    for role, name in (("moe", cfg.moe), ("dense", cfg.dense)):
+        paths[(role, MOBILEMOE)] = write_random_int4_checkpoint(preset(name), root / f"{name}-int4", cfg.seed)
+        if cfg.with_llama_cpp:
+            from mobilemoe.bench.gguf_random import write_random_gguf
+
+            gguf = root / f"{name}-q4_0.gguf"
+            if not gguf.exists():
+                write_random_gguf(preset(name), gguf, cfg.seed)
+            paths[(role, LLAMA_CPP)] = gguf
+    return paths
+
+
+# ---------------------------------------------------------------------- analysis
+def ceilings(cfg: BenchConfig, ctx: int, kv_dtype_bytes: int = 2) -> dict[str, float]:
+    """Ratios the accounting allows: decode by bytes read per token, prefill by FLOPs."""
+    moe, dense = preset(cfg.moe), preset(cfg.dense)
+
+    def decode_bytes(c):
+        return accounting.decode_weight_bytes_per_token(c) + accounting.kv_cache_bytes(c, ctx, kv_dtype_bytes)
+
+    return {
+        "decode_ceiling": decode_bytes(dense) / decode_bytes(moe),
+        "prefill_ceiling": accounting.prefill_flops(dense, ctx) / accounting.prefill_flops(moe, ctx),
+        "moe_decode_bytes_per_token": decode_bytes(moe),
+        "dense_decode_bytes_per_token": decode_bytes(dense),
+    }
+
+
+def summarize(cfg: BenchConfig, samples: dict, rss: dict, bandwidth_gbs: float) -> dict[str, Any]:
+    """samples[(role, runtime)][ctx] = list of (ttft_s, decode_s) -> the report's flat keys."""
+    report: dict[str, Any] = {}
+    for runtime in sorted({rt for _, rt in samples}):
+        out: dict[str, Any] = {}
+        for ctx in cfg.contexts:
+            for role in ("moe", "dense"):
+                runs = samples[(role, runtime)][ctx]
+                ttft = statistics.median(r[0] for r in runs)
+                decode = statistics.median(r[1] for r in runs)
+                out[f"{role}_ttft_s_{ctx}"] = ttft
+                out[f"{role}_prefill_tok_s_{ctx}"] = ctx / ttft
+                out[f"{role}_decode_tok_s_{ctx}"] = cfg.decode_tokens / decode
+            out[f"decode_speedup_{ctx}"] = out[f"moe_decode_tok_s_{ctx}"] / out[f"dense_decode_tok_s_{ctx}"]
+            out[f"prefill_speedup_{ctx}"] = out[f"moe_prefill_tok_s_{ctx}"] / out[f"dense_prefill_tok_s_{ctx}"]
+        for role in ("moe", "dense"):
+            out[f"{role}_peak_rss_bytes"] = rss[(role, runtime)]
+        report[runtime] = out
+    report["ceilings"] = {}
+    for ctx in cfg.contexts:
+        c = ceilings(cfg, ctx)
+        c["moe_roofline_decode_tok_s"] = bandwidth_gbs * 1e9 / c["moe_decode_bytes_per_token"]
+        c["dense_roofline_decode_tok_s"] = bandwidth_gbs * 1e9 / c["dense_decode_bytes_per_token"]
+        report["ceilings"][str(ctx)] = c
+    return report
+
+
+def flat_keys(report: dict[str, Any]) -> dict[str, Any]:
+    """The issue's headline keys at top level (mobilemoe runtime), llama.cpp under ``llama_cpp``."""
+    ours = report.get(MOBILEMOE, {})
+    out = dict(ours)
+    if LLAMA_CPP in report:
+        out["llama_cpp"] = report[LLAMA_CPP]
+    return out
+
+
+# ---------------------------------------------------------------------- driver
+def run(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from mobilemoe.bench.system import dram_read_bandwidth_gbs, machine_info
+
+    bandwidth = dram_read_bandwidth_gbs()
+    paths = prepare_models(cfg)
+    max_ctx = max(cfg.contexts) + cfg.decode_tokens + 8
+    workers = {key: Worker(f"{key[0]}:{cfg.moe if key[0] == 'moe' else cfg.dense}", key[1], path, max_ctx, cfg)
+               for key, path in paths.items()}
+    samples: dict = {key: {ctx: [] for ctx in cfg.contexts} for key in workers}
+    total = cfg.repeats * len(cfg.contexts) * len(workers)
+    try:
+        with tqdm(total=total, desc="bench", disable=not progress) as bar:
+            for _ in range(cfg.repeats):
+                for ctx in cfg.contexts:
+                    for key, worker in workers.items():  # alternate models within each context
+                        samples[key][ctx].append(worker.measure(ctx, cfg.decode_tokens))
+                        bar.update()
+        rss = {key: w.peak_rss() for key, w in workers.items()}
+        load_info = {f"{k[0]}/{k[1]}": w.load_info for k, w in workers.items()}
+    finally:
+        for w in workers.values():
+            w.stop()
+    report = summarize(cfg, samples, rss, bandwidth)
+    return {
+        **flat_keys(report),
+        "by_runtime": report,
+        "load_rss": load_info,
+        "dram_read_gbs": bandwidth,
+        "bench_config": asdict(cfg),
+        "machine": machine_info(),
+        "int4_bytes": {cfg.moe: accounting.weight_bytes(preset(cfg.moe)),
+                       cfg.dense: accounting.weight_bytes(preset(cfg.dense))},
+        "samples": {f"{k[0]}/{k[1]}": {str(c): v for c, v in s.items()} for k, s in samples.items()},
+    }
+
+
+def plot(result: dict[str, Any], path: str | os.PathLike) -> None:
+    """Two panels like the paper's figure: prefill TTFT and decode tok/s vs context, MoE vs dense."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = result["bench_config"]
+    contexts = cfg["contexts"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    styles = {MOBILEMOE: "-", LLAMA_CPP: "--"}
+    for runtime, data in result["by_runtime"].items():
+        if runtime == "ceilings":
+            continue
+        for role, color in (("moe", "tab:blue"), ("dense", "tab:red")):
+            label = f"{cfg[role]} ({runtime})"
+            ax1.plot(contexts, [data[f"{role}_ttft_s_{c}"] for c in contexts], styles[runtime], color=color,
+                     marker="o", label=label)
+            ax2.plot(contexts, [data[f"{role}_decode_tok_s_{c}"] for c in contexts], styles[runtime], color=color,
+                     marker="o", label=label)
+    for ax, title, ylabel in ((ax1, "Prefill (time to first token)", "TTFT (s)"),
+                              (ax2, "Decode", "tokens / s")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(contexts, [str(c) for c in contexts])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    ax2.legend(fontsize=7)
+    machine = result["machine"]
+    fig.suptitle(f"INT4 MoE vs dense, batch 1, {machine['threads']} threads, {machine['cpu']}", fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
