@@ -6,13 +6,14 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test setup clean
+.PHONY: run test setup bench-deps clean
 
 setup: $(STAMP)
 
 # torch==2.13.0 is installed first and on its own: pip resolves it to the CPU wheel on local disk.
 # --no-build-isolation: an isolated build env would pull the newest (CUDA) torch from the registry.
-$(STAMP): pyproject.toml
+# The editable install also compiles the native kernels mobilemoe._C (setup.py), so it re-runs when they change.
+$(STAMP): pyproject.toml setup.py $(wildcard src/mobilemoe/kernels/csrc/*)
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet "torch==2.13.0"
 	$(VPY) -m pip install --quiet "setuptools>=70" wheel ninja
@@ -25,6 +26,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest
+
+# Optional: llama.cpp (built from source, ~5 min on 2 cores) and gguf, for `mobilemoe bench --with-llama-cpp`.
+bench-deps: $(STAMP)
+	$(VPY) -m pip install --quiet -e '.[bench]'
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

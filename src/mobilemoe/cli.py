@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "generate",
     "bench",
     "train",
+    "eval",
     "plan",
     "sweep",
 ]
