@@ -46,10 +46,17 @@ def test_bad_config_is_one_clear_line(capsys, tmp_path):
     assert main(["info", "--preset", "nope"]) == 2
 
 
-def test_demo_runs(capsys):
-    assert main(["demo", "--json", "--tokens", "4"]) == 0
+def test_demo_trains_quantizes_and_generates(capsys, tmp_path):
+    args = ["demo", "--json", "--out", str(tmp_path / "demo"), "--max-steps", "2", "--tokens", "4",
+            "--val-tokens", "600"]
+    assert main(args) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["cached_decode_matches_full_forward"] is True
+    assert data["stages"] == ["pretrain", "midtrain"]
+    assert (tmp_path / "demo" / "int4" / "config.json").exists()
+    assert all(data["val_loss"][k] > 0 for k in ("float", "int4", "unigram"))
+    assert abs(data["val_loss"]["int4"] - data["val_loss"]["float"]) < 0.5
+    assert main(args) == 0  # a rerun resumes: nothing left to train
+    assert json.loads(capsys.readouterr().out)["train_tok_s"] is None
 
 
 def test_console_script_entry_point():

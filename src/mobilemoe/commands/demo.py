@@ -1,87 +1,120 @@
-"""``mobilemoe demo``: the main job of ``make run`` until training and the runtime land.
+"""``mobilemoe demo``: the main job of ``make run``, end to end on the embedded default corpus.
 
-Builds a tiny MobileMoE, runs a forward pass and a KV-cached greedy decode on a snippet of the
-embedded default corpus (the running Python's standard library), checks that cached decoding
-agrees with a full forward, and prints the accounting of the tiny model and the published tiers.
+1. Train a tiny MobileMoE with ``recipes/tiny.yaml`` on the running Python's standard library
+   (BPE tokenizer, pre-train then mid-train; resumable: a rerun skips finished stages).
+2. Quantize the result to INT4 (``mobilemoe-int4-g32``).
+3. Measure validation loss of the float and INT4 models next to the unigram baseline.
+4. Generate a sample with the INT4 runtime and print accounting, loss and speed.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
+from pathlib import Path
 
 from mobilemoe.commands.common import print_json
 
+PROMPT = "import os\n\n\ndef "
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="end-to-end smoke demonstration on a tiny model (the `make run` job)",
-                       description=__doc__.split("\n\n")[1])
-    p.add_argument("--preset", default="tiny-moe", help="model preset (default: tiny-moe)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokens", type=int, default=16, help="tokens to decode (default 16)")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p = sub.add_parser("demo", help="train a tiny MobileMoE on the stdlib, quantize to INT4, generate (`make run`)",
+                       description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="recipes/tiny.yaml", help="training recipe (default recipes/tiny.yaml)")
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--max-steps", type=int, default=None, help="cap every stage's steps (quick runs)")
+    p.add_argument("--fresh", action="store_true", help="train from scratch even if OUT holds a finished run")
+    p.add_argument("--tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--val-tokens", type=int, default=16384, help="validation tokens scored (default 16384)")
+    p.add_argument("--json", action="store_true", help="print a JSON record")
     p.set_defaults(func=run)
 
 
-def _stdlib_snippet(n_bytes: int) -> bytes:
-    import inspect
-    import json as json_module
+def unigram_loss(train_tokens, val_tokens, vocab_size: int) -> float:
+    """Cross-entropy (nats/token) of an add-one unigram model fitted on train, scored on validation."""
+    import numpy as np
 
-    return inspect.getsource(json_module).encode()[:n_bytes]
+    counts = np.bincount(np.asarray(train_tokens, dtype=np.int64), minlength=vocab_size) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(-logp[np.asarray(val_tokens, dtype=np.int64)].mean())
+
+
+def _shard_tokens(run_dir: Path, split: str):
+    """All tokens of one split of the run's token shards (any stage's: same tokenizer, same corpus)."""
+    import numpy as np
+
+    from mobilemoe.data.shards import load_index
+
+    directory = sorted((run_dir / "data").glob(f"*/{split}"))[0]
+    return np.concatenate([np.asarray(a) for a in load_index(directory).arrays()])
+
+
+def _val_loss(ckpt: Path, ids: list[int], window: int) -> float:
+    from mobilemoe.eval.lm import load_eval_lm
+    from mobilemoe.eval.perplexity import perplexity_ids
+
+    lm = load_eval_lm(ckpt, max_length=window)
+    nll, count, _, _ = perplexity_ids(lm, ids, window=window, stride=window)
+    return nll / count
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    import shutil
 
     from mobilemoe.accounting import account
-    from mobilemoe.config import preset
-    from mobilemoe.model import MobileMoEForCausalLM
+    from mobilemoe.commands.info import rows
+    from mobilemoe.quant import quantize_checkpoint
+    from mobilemoe.runtime import Engine
+    from mobilemoe.train.recipe import load_recipe
+    from mobilemoe.train.run import run_recipe
 
-    torch.manual_seed(args.seed)
-    cfg = preset(args.preset)
-    model = MobileMoEForCausalLM(cfg).eval()
-    # Byte-level ids (mod vocab) from real text until the tokenizer and trained weights exist.
-    prompt = torch.tensor([list(_stdlib_snippet(64))]) % cfg.vocab_size
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        full = model(prompt, return_router=True)
-        forward_s = time.perf_counter() - t0
-        cache = model.new_cache(1, prompt.shape[1] + args.tokens)
-        logits = model(prompt, 0, cache, last_only=True).logits
-        generated = []
-        t0 = time.perf_counter()
-        for _ in range(args.tokens):
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
-            generated.append(int(nxt))
-            logits = model(nxt, cache.length, cache).logits
-        decode_s = time.perf_counter() - t0
-        seq = torch.cat([prompt, torch.tensor([generated])], dim=1)
-        check = model(seq[:, :-1]).logits[:, prompt.shape[1] - 1:].argmax(-1)
-    agree = check[0].tolist() == generated
-    experts_used = sorted({int(e) for r in full.router for e in r.expert_ids.flatten()})
-    result = {
-        "preset": args.preset,
+    out = Path(args.out)
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    recipe = load_recipe(args.recipe)
+    t0 = time.perf_counter()
+    reports = run_recipe(recipe, out, resume=True, max_steps=args.max_steps, progress=not args.json)
+    train_s = time.perf_counter() - t0
+    final = Path(reports[-1].final_dir)
+    int4 = out / "int4"
+    quantize_checkpoint(final, int4, overwrite=True)
+    shutil.copyfile(final / "tokenizer.json", int4 / "tokenizer.json")
+
+    engine = Engine.load(int4)
+    cfg = engine.config
+    window = min(256, cfg.max_position_embeddings)
+    val = _shard_tokens(out, "val")[: args.val_tokens].tolist()
+    losses = {"float": _val_loss(final, val, window), "int4": _val_loss(int4, val, window),
+              "unigram": unigram_loss(_shard_tokens(out, "train"), val[1:], cfg.vocab_size)}
+    prompt = engine.encode(PROMPT)
+    gen = engine.generate(prompt, args.tokens)
+    trained = [r for r in reports if not r.skipped]
+    record = {
+        "recipe": args.recipe, "out": str(out), "stages": [r.stage for r in reports],
+        "train_seconds": round(train_s, 1),
+        "train_tok_s": round(sum(r.tokens for r in trained) / max(sum(r.seconds for r in trained), 1e-9), 1)
+        if trained else None,
+        "train_loss_last": reports[-1].loss_last, "val_loss": losses,
+        "val_ppl": {k: math.exp(v) for k, v in losses.items()},
+        "int4_dir": str(int4), "backend": type(engine.backend).__name__,
+        "sample": engine.tokenizer.decode(prompt + gen.ids),
+        "prefill_tok_s": round(gen.prefill_tok_s, 1), "decode_tok_s": round(gen.decode_tok_s, 1),
         "accounting": account(cfg).to_dict(),
-        "published_tiers": {name: account(preset(name)).to_dict() for name in ("mobilemoe-s", "mobilemoe-l")},
-        "prompt_tokens": prompt.shape[1],
-        "forward_ms": round(forward_s * 1e3, 2),
-        "decode_tok_s": round(args.tokens / decode_s, 1),
-        "generated_ids": generated,
-        "cached_decode_matches_full_forward": agree,
-        "distinct_experts_used": len(experts_used),
     }
     if args.json:
-        print_json(result)
-    else:
-        from mobilemoe.commands.info import rows
-
-        print(f"mobilemoe demo: {args.preset} (random weights; training lands with the training issue)")
-        for name in ["tiny", "mobilemoe-s", "mobilemoe-l"]:
-            acc = account(cfg if name == "tiny" else preset(name))
-            print(f"\n{args.preset if name == 'tiny' else name}:")
-            for key, value in rows(acc)[:8]:
-                print(f"  {key:<32} {value}")
-        print(f"\nforward of {prompt.shape[1]} tokens: {result['forward_ms']} ms; "
-              f"greedy KV-cached decode: {result['decode_tok_s']} tok/s")
-        print(f"cached decode matches full forward: {agree}; experts used: {len(experts_used)}/{cfg.num_local_experts}")
-    return 0 if agree else 1
+        print_json(record)
+        return 0
+    print(f"\n== mobilemoe demo: {cfg.num_hidden_layers} layers, d {cfg.hidden_size}, "
+          f"{cfg.num_local_experts} experts top-{cfg.num_experts_per_tok} + shared, vocab {cfg.vocab_size}")
+    for key, value in rows(account(cfg)):
+        print(f"  {key:<32} {value}")
+    done = "trained" if trained else "already trained (rerun with --fresh to retrain)"
+    print(f"\n{' -> '.join(record['stages'])}: {done}"
+          + (f", {record['train_tok_s']} tok/s" if trained else ""))
+    print(f"validation loss (nats/token): float {losses['float']:.3f}, INT4 {losses['int4']:.3f}, "
+          f"unigram baseline {losses['unigram']:.3f}")
+    print(f"\nsample ({record['backend']}, greedy):\n{record['sample']}\n")
+    print(f"prefill {record['prefill_tok_s']} tok/s, decode {record['decode_tok_s']} tok/s")
+    return 0
