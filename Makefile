@@ -6,7 +6,7 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test setup bench-deps clean
+.PHONY: run test setup clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml setup.py $(wildcard src/mobilemoe/kernels/csrc/*)
 	$(VPY) -m pip install --quiet "torch==2.13.0"
 	$(VPY) -m pip install --quiet "setuptools>=70" wheel ninja
 	$(VPY) -m pip install --quiet --no-build-isolation -e '.[dev]'
+	# ExecuTorch + torchao without their dependency pins (they would replace torch 2.13.0).
+	$(VPY) -m pip install --quiet --no-deps "executorch==1.5.1" "torchao==0.18.0"
+	# llama.cpp for the GGUF parity tests: built from source in its own isolated build (~5 min, once).
+	$(VPY) -m pip install --quiet "llama-cpp-python==0.3.36" "gguf==0.19.0"
 	$(VPY) -c "import torch; assert '+cpu' in torch.__version__ or not torch.cuda.is_available(), torch.__version__"
 	touch $(STAMP)
 
@@ -26,10 +30,6 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest
-
-# Optional: llama.cpp (built from source, ~5 min on 2 cores) and gguf, for `mobilemoe bench --with-llama-cpp`.
-bench-deps: $(STAMP)
-	$(VPY) -m pip install --quiet -e '.[bench]'
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -16,7 +16,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from safetensors import safe_open
@@ -200,8 +200,29 @@ def _shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def load_tensors(ckpt_dir: str | os.PathLike) -> tuple[MobileMoEConfig, dict[str, torch.Tensor]]:
-    """Read and validate a checkpoint directory -> (config, tensors by checkpoint name)."""
+class LazyTensors(Mapping):
+    """Checkpoint tensors read one at a time on access (nothing is held): for streaming loaders."""
+
+    def __init__(self, files: dict[str, Path], names: Iterable[str]) -> None:
+        self._files, self._names = files, list(names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return _read_tensors(self._files, [name])[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def load_tensors(ckpt_dir: str | os.PathLike, lazy: bool = False) -> tuple[MobileMoEConfig, Mapping[str, torch.Tensor]]:
+    """Read and validate a checkpoint directory -> (config, tensors by checkpoint name).
+
+    With ``lazy`` the tensors are read from disk only when accessed, one at a time.
+    """
     ckpt = Path(ckpt_dir)
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt}: not a checkpoint directory")
@@ -211,7 +232,33 @@ def load_tensors(ckpt_dir: str | os.PathLike) -> tuple[MobileMoEConfig, dict[str
     if cfg.tie_word_embeddings:  # some exporters also write the tied head; it carries nothing new
         shapes.pop("lm_head.weight", None)
     _validate(cfg, shapes, where=str(ckpt))
-    return cfg, _read_tensors(files, expected_tensors(cfg))
+    names = expected_tensors(cfg)
+    return cfg, (LazyTensors(files, names) if lazy else _read_tensors(files, names))
+
+
+_ST_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "F16": torch.float16, "BF16": torch.bfloat16,
+              "F32": torch.float32, "I32": torch.int32, "I64": torch.int64}
+
+
+def mmap_tensor(ckpt_dir: str | os.PathLike, name: str) -> torch.Tensor:
+    """A read-only, zero-copy view of one tensor straight from the file (pages load on first touch).
+
+    For data read sparsely, e.g. embedding rows looked up by token id: only touched pages become resident.
+    """
+    import numpy as np
+
+    path = _files(Path(ckpt_dir))[name]
+    with open(path, "rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        info = json.loads(fh.read(header_len))[name]
+    begin, end = info["data_offsets"]
+    dtype = _ST_DTYPES[info["dtype"]]
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len + begin, shape=(end - begin,))
+    import warnings
+
+    with warnings.catch_warnings():  # torch warns that the numpy array is not writable; we never write it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(raw, dtype=dtype).view(info["shape"])
 
 
 def dequantized_state_dict(cfg: MobileMoEConfig, tensors: dict[str, torch.Tensor],

@@ -39,6 +39,30 @@ def test_incremental_decode_equals_full_forward(int4_ckpt, backend):
         assert torch.allclose(logits, full[i], atol=tol), (i, (logits - full[i]).abs().max())
 
 
+@pytest.fixture(scope="module", params=["tiny-dense", "tiny-moe-softmax"])
+def variant_ckpt(request, tmp_path_factory):
+    """Dense layers, softmax routing without a shared expert, untied head: the other code paths."""
+    root = tmp_path_factory.mktemp(request.param)
+    model = MobileMoEForCausalLM(preset(request.param, max_position_embeddings=64,
+                                       interleave_moe_layer_step=2 if request.param != "tiny-dense" else 1))
+    model.reset_parameters(seed=2)
+    save_checkpoint(model, root / "float")
+    quantize_checkpoint(root / "float", root / "int4")
+    return root / "int4"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_variants_match_reference(variant_ckpt, backend):
+    engine = Engine.load(variant_ckpt, backend=backend)
+    ref = load_model(variant_ckpt).eval()
+    ids = torch.randint(0, 512, (12,), generator=torch.Generator().manual_seed(3)).tolist()
+    with torch.no_grad():
+        full = ref(torch.tensor([ids])).logits[0]
+    got = [engine.prefill(ids[:6])] + [engine.decode(t) for t in ids[6:]]
+    for i, logits in zip(range(5, 12), got):
+        assert torch.allclose(logits, full[i], atol=0.05 * full[i].abs().max().item()), i
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_seeded_generation_is_reproducible(int4_ckpt, backend):
     engine = Engine.load(int4_ckpt, backend=backend)

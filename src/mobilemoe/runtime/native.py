@@ -1,10 +1,23 @@
-"""The native INT4 model (C++ extension ``mobilemoe._C``): placeholder until the native forward lands.
+"""The native INT4 backend: the whole forward in ``mobilemoe._C.NativeModel`` (one call per step).
 
-``is_available()`` is False until the extension exposes the full-model forward, so the engine falls
-back to the reference backend and says so.
+Loading streams the checkpoint one tensor at a time and repacks each into the kernels' runtime
+layout (:mod:`mobilemoe.kernels.pack`, lossless) before reading the next, so peak memory stays
+near the INT4 bytes. The embedding is memory-mapped for row lookups (only the rows used become
+resident) and also packed as the LM head.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from mobilemoe.checkpoint import load_tensors, mmap_tensor, quantized_names
+from mobilemoe.config import MobileMoEConfig
+from mobilemoe.errors import MobileMoEError
+from mobilemoe.layout import spec_map
 
 
 def _lib():
@@ -12,8 +25,8 @@ def _lib():
         from mobilemoe import _C
     except ImportError as exc:
         return None, f"the extension mobilemoe._C is not built ({exc})"
-    if not hasattr(_C, "model_forward"):
-        return None, "this build of mobilemoe._C has no native model forward"
+    if not hasattr(_C, "NativeModel"):
+        return None, "this build of mobilemoe._C has no NativeModel (rebuild: pip install --no-build-isolation -e .)"
     return _C, ""
 
 
@@ -23,3 +36,68 @@ def is_available() -> bool:
 
 def unavailable_reason() -> str:
     return _lib()[1]
+
+
+class NativeBackend:
+    def __init__(self, path: str | os.PathLike, max_seq_len: int) -> None:
+        from mobilemoe.kernels.pack import pack_experts, pack_linear
+        from mobilemoe.model import rope_inv_freq
+
+        _C, reason = _lib()
+        if _C is None:
+            raise MobileMoEError(f"native kernels unavailable: {reason}")
+        cfg, tensors = load_tensors(path, lazy=True)
+        if not cfg.is_quantized:
+            raise MobileMoEError(f"{path}: the native runtime needs an INT4 checkpoint; run `mobilemoe quantize`")
+        if cfg.attention_bias:
+            raise MobileMoEError(f"{path}: attention biases are not supported by the native runtime")
+        self.config: MobileMoEConfig = cfg.replace(quantization=None)
+        self.max_seq_len = max_seq_len
+        specs = spec_map(cfg)
+
+        def q(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+            qn, sn = quantized_names(specs[name])
+            return tensors[qn], tensors[sn]
+
+        def linear(*names: str) -> torch.Tensor:  # several [out_i, in] weights fused along out
+            parts = [q(n) for n in names]
+            return pack_linear(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+
+        def f32(name: str) -> torch.Tensor:
+            return tensors[name].float()
+
+        pos = torch.arange(max_seq_len, dtype=torch.float32)
+        angles = pos[:, None] * rope_inv_freq(cfg)[None, :]
+        head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        qe, se = quantized_names(specs["model.embed_tokens.weight"])
+        self.model = _C.NativeModel(
+            cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size,
+            max(cfg.num_local_experts, 1), max(cfg.num_experts_per_tok, 1), cfg.intermediate_size, cfg.rms_norm_eps,
+            cfg.routed_scaling_factor, cfg.norm_topk_prob, cfg.router_type == "sigmoid", cfg.use_qk_norm,
+            max_seq_len, angles.cos(), angles.sin(), mmap_tensor(path, qe), mmap_tensor(path, se),
+            linear(head), f32("model.norm.weight"))
+        empty = torch.empty(0, 0, dtype=torch.uint8)
+        for i in range(cfg.num_hidden_layers):
+            p = f"model.layers.{i}"
+            attn = [f"{p}.self_attn.{x}_proj.weight" for x in "qkvo"]
+            ffn = f"{p}.feed_forward" + (".shared_expert" if cfg.is_moe_layer(i) else "")
+            has_ffn = not cfg.is_moe_layer(i) or cfg.num_shared_experts > 0
+            ffn_gu = linear(f"{ffn}.gate_proj.weight", f"{ffn}.up_proj.weight") if has_ffn else empty
+            ffn_dn = linear(f"{ffn}.down_proj.weight") if has_ffn else empty
+            if cfg.is_moe_layer(i):
+                gu_codes, gu_scales = pack_experts(*q(f"{p}.feed_forward.experts.gate_up_proj"))
+                dn_codes, dn_scales = pack_experts(*q(f"{p}.feed_forward.experts.down_proj"))
+                router, bias = f32(f"{p}.feed_forward.router.weight"), f32(f"{p}.feed_forward.expert_bias")
+            else:
+                gu_codes = gu_scales = dn_codes = dn_scales = empty
+                router, bias = torch.empty(0, 0), torch.empty(0)
+            width = cfg.intermediate_size_mlp if has_ffn else 0
+            self.model.add_layer(f32(f"{p}.input_layernorm.weight"), f32(f"{p}.post_attention_layernorm.weight"),
+                                 linear(*attn[:3]), linear(attn[3]), cfg.uses_rope(i), cfg.is_moe_layer(i),
+                                 router, bias, gu_codes, gu_scales, dn_codes, dn_scales, ffn_gu, ffn_dn, width)
+
+    def reset(self) -> None:
+        pass  # positions are explicit; stale cache entries past the new position are never read
+
+    def forward(self, ids: Sequence[int], start_pos: int) -> torch.Tensor:
+        return self.model.forward(torch.as_tensor(list(ids), dtype=torch.long), start_pos)

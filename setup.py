@@ -1,0 +1,59 @@
+"""Build of the native CPU kernels ``mobilemoe._C`` (metadata lives in pyproject.toml).
+
+One torch extension, five translation units:
+  ops.cpp           torch glue, threading, runtime ISA dispatch (baseline flags)
+  model.cpp         the whole-model INT4 forward (NativeModel) on those kernels
+  isa_portable.cpp  plain C++ (any CPU)
+  isa_avx2.cpp      -mavx2 -mfma -mf16c
+  isa_avx512.cpp    -mavx512f -mavx512bw -mavx512vl -mavx512vnni
+(the x86 units only on x86-64). Each ISA unit is compiled with its own flags (``BuildExt`` below) and picked at run time with
+``__builtin_cpu_supports``, so the wheel builds and runs on a CPU without AVX-512.
+Install with ``pip install --no-build-isolation -e '.[dev]'`` (the CPU torch must be importable).
+"""
+
+import os
+import platform
+
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+CSRC = os.path.join("src", "mobilemoe", "kernels", "csrc")
+COMMON_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
+ISA_STD = ["-std=c++17"]  # ops.cpp gets the standard torch's BuildExtension picks for its headers
+ISA_UNITS = {"isa_portable.cpp": []}
+if platform.machine().lower() in ("x86_64", "amd64"):  # elsewhere (e.g. aarch64) only the portable unit
+    ISA_UNITS["isa_avx2.cpp"] = ["-mavx2", "-mfma", "-mf16c"]
+    ISA_UNITS["isa_avx512.cpp"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"]
+
+
+class BuildExt(BuildExtension):
+    """Compiles the per-ISA units with their own -m flags, then links them into mobilemoe._C."""
+
+    def build_extension(self, ext):
+        if ext.name == "mobilemoe._C":
+            objects = []
+            for unit, flags in ISA_UNITS.items():
+                objects += self.compiler.compile(
+                    [os.path.join(CSRC, unit)],
+                    output_dir=os.path.join(self.build_temp, "isa_" + os.path.splitext(unit)[0]),
+                    include_dirs=[os.path.abspath(CSRC)],
+                    extra_postargs=COMMON_FLAGS + ISA_STD + flags,
+                    depends=[os.path.join(CSRC, "mm_common.h")],
+                )
+            ext.extra_objects = list(ext.extra_objects or []) + objects
+        super().build_extension(ext)
+
+
+setup(
+    ext_modules=[
+        CppExtension(
+            name="mobilemoe._C",
+            sources=[os.path.join(CSRC, "ops.cpp"), os.path.join(CSRC, "model.cpp")],
+            include_dirs=[os.path.abspath(CSRC)],
+            extra_compile_args=COMMON_FLAGS,
+            extra_link_args=["-fopenmp"],
+            depends=[os.path.join(CSRC, "mm_common.h")],
+        )
+    ],
+    cmdclass={"build_ext": BuildExt},
+)

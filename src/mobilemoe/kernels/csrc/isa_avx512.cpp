@@ -1,0 +1,215 @@
+// AVX-512 F/BW/VL + VNNI kernels on the mobilemoe-q4t16 layout (see mm_common.h).
+// Compiled with -mavx512f -mavx512bw -mavx512vl -mavx512vnni; only called after a runtime check.
+// GCC 12 false positive: the intrinsics' _mm512_undefined_ps() self-initialisation.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include "mm_common.h"
+
+namespace {
+
+// One block of 32 (the tail path).
+inline void quant_block(const float* x, const uint16_t* mul, int8_t* q, float* d, int32_t* s) {
+  __m512 a0 = _mm512_loadu_ps(x);
+  __m512 a1 = _mm512_loadu_ps(x + 16);
+  if (mul) {
+    a0 = _mm512_mul_ps(a0, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)mul)));
+    a1 = _mm512_mul_ps(a1, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mul + 16))));
+  }
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
+  const __m512 id = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+  const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(a0, id));  // round to nearest even
+  const __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(a1, id));
+  _mm_storeu_si128((__m128i*)q, _mm512_cvtsepi32_epi8(i0));
+  _mm_storeu_si128((__m128i*)(q + 16), _mm512_cvtsepi32_epi8(i1));
+  *d = amax / 127.f;
+  *s = 8 * _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+}
+
+template <typename Op>
+inline __m512 reduce16_from_pairs(const __m512* u, Op op) {
+  __m512 w[4], z[2];
+  for (int j = 0; j < 4; ++j)  // w[j]: lane l = block 4j + l
+    w[j] = op(_mm512_shuffle_f32x4(u[2 * j], u[2 * j + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+              _mm512_shuffle_f32x4(u[2 * j], u[2 * j + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int j = 0; j < 2; ++j)  // z[j]: lane l = [b, b, b+4, b+4] with b = 8j + l
+    z[j] = op(_mm512_shuffle_ps(w[2 * j], w[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+              _mm512_shuffle_ps(w[2 * j], w[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // r: element 4l + p = block 4p + l
+  const __m512 r = op(_mm512_shuffle_ps(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                      _mm512_shuffle_ps(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512i to_natural = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(to_natural, r);
+}
+
+// Horizontal reduction of 16 vectors at once: returns r with r[n] = reduce(v[n]) for n < 16.
+// Built from pairwise lane shuffles (45 shuffles/ops for 16 blocks instead of ~8 per block).
+template <typename Op>
+inline __m512 reduce16(const __m512* v, Op op) {
+  __m512 u[8];
+  for (int i = 0; i < 8; ++i)  // u[i]: 128-bit lanes 0-1 = block 2i, 2-3 = block 2i+1
+    u[i] = op(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+              _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  return reduce16_from_pairs(u, op);
+}
+
+struct MaxOp {
+  __m512 operator()(__m512 a, __m512 b) const { return _mm512_max_ps(a, b); }
+};
+struct AddIOp {
+  __m512 operator()(__m512 a, __m512 b) const {
+    return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(a), _mm512_castps_si512(b)));
+  }
+};
+
+void quant_row(const float* x, const uint16_t* mul, int64_t K, int8_t* q, float* d, int32_t* s) {
+  const int64_t nkb = K / MM_QK;
+  int64_t b = 0;
+  alignas(64) float buf[16 * MM_QK];
+  alignas(64) float idb[16];
+  for (; b + 16 <= nkb; b += 16) {  // 16 blocks (512 values) at a time
+    const float* xb = x + b * MM_QK;
+    __m512 v[16];
+    for (int i = 0; i < 16; ++i) {
+      __m512 a0 = _mm512_loadu_ps(xb + i * MM_QK);
+      __m512 a1 = _mm512_loadu_ps(xb + i * MM_QK + 16);
+      if (mul) {
+        const uint16_t* mb = mul + (b + i) * MM_QK;
+        a0 = _mm512_mul_ps(a0, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)mb)));
+        a1 = _mm512_mul_ps(a1, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mb + 16))));
+      }
+      _mm512_store_ps(buf + i * MM_QK, a0);
+      _mm512_store_ps(buf + i * MM_QK + 16, a1);
+      v[i] = _mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1));
+    }
+    const __m512 amax = reduce16(v, MaxOp());
+    const __mmask16 nz = _mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_GT_OQ);
+    _mm512_store_ps(idb, _mm512_maskz_div_ps(nz, _mm512_set1_ps(127.f), amax));
+    _mm512_storeu_ps(d + b, _mm512_div_ps(amax, _mm512_set1_ps(127.f)));
+    int8_t* qb = q + b * MM_QK;
+    for (int i = 0; i < 16; ++i) {
+      const __m512 id = _mm512_set1_ps(idb[i]);
+      const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(buf + i * MM_QK), id));
+      const __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(buf + i * MM_QK + 16), id));
+      _mm_storeu_si128((__m128i*)(qb + i * MM_QK), _mm512_cvtsepi32_epi8(i0));
+      _mm_storeu_si128((__m128i*)(qb + i * MM_QK + 16), _mm512_cvtsepi32_epi8(i1));
+    }
+    // block sums from the stored int8: vpdpbusd with all-ones gives, per 64 bytes (2 blocks),
+    // 8 int32 partials per block in 256-bit halves = the pair layout reduce16_from_pairs expects.
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m512 u[8];
+    for (int j = 0; j < 8; ++j)
+      u[j] = _mm512_castsi512_ps(
+          _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(qb + j * 2 * MM_QK)));
+    const __m512i sums = _mm512_castps_si512(reduce16_from_pairs(u, AddIOp()));
+    _mm512_storeu_si512(s + b, _mm512_slli_epi32(sums, 3));  // 8 * sum
+  }
+  for (; b < nkb; ++b)
+    quant_block(x + b * MM_QK, mul ? mul + b * MM_QK : nullptr, q + b * MM_QK, d + b, s + b);
+}
+
+// One 16-row tile for MB tokens over all K blocks (MB <= 8 float accumulators stay in registers;
+// the 8 expanded weight vectors of a block are reused by all MB tokens).
+template <int MB, bool WS>
+inline void tile_kernel(const uint8_t* wt, int64_t nkb, const int8_t* q, const float* d, const int32_t* s,
+                        float* out, int64_t ldo, int n_store) {
+  const int64_t K = nkb * MM_QK;
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const uint16_t* ws = (const uint16_t*)(wt + nkb * MM_BLOCK_BYTES);
+  const __mmask16 mask = (__mmask16)(n_store >= MM_TILE ? 0xFFFFu : ((1u << n_store) - 1u));
+  __m512 acc[MB];
+  for (int j = 0; j < MB; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nkb; ++b) {
+    const uint8_t* wb = wt + b * MM_BLOCK_BYTES;
+    const __m512i c0 = _mm512_loadu_si512(wb);
+    const __m512i c1 = _mm512_loadu_si512(wb + 64);
+    const __m512i c2 = _mm512_loadu_si512(wb + 128);
+    const __m512i c3 = _mm512_loadu_si512(wb + 192);
+    const __m512i w0 = _mm512_and_si512(c0, m4), w1 = _mm512_and_si512(_mm512_srli_epi16(c0, 4), m4);
+    const __m512i w2 = _mm512_and_si512(c1, m4), w3 = _mm512_and_si512(_mm512_srli_epi16(c1, 4), m4);
+    const __m512i w4 = _mm512_and_si512(c2, m4), w5 = _mm512_and_si512(_mm512_srli_epi16(c2, 4), m4);
+    const __m512i w6 = _mm512_and_si512(c3, m4), w7 = _mm512_and_si512(_mm512_srli_epi16(c3, 4), m4);
+    __m512 sc = _mm512_set1_ps(1.f);
+    if (WS) sc = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ws + b * MM_TILE)));
+    if (MB == 1) _mm_prefetch((const char*)(wb + 4 * MM_BLOCK_BYTES), _MM_HINT_T0);
+    for (int j = 0; j < MB; ++j) {
+      const int8_t* qa = q + j * K + b * MM_QK;
+      __m512i ia = _mm512_set1_epi32(-s[j * nkb + b]);
+      if (MB < 4) {  // two dependency chains when few tokens
+        __m512i ib = _mm512_setzero_si512();
+        ia = _mm512_dpbusd_epi32(ia, w0, _mm512_set1_epi32(mm_ld32(qa + 0)));
+        ib = _mm512_dpbusd_epi32(ib, w1, _mm512_set1_epi32(mm_ld32(qa + 4)));
+        ia = _mm512_dpbusd_epi32(ia, w2, _mm512_set1_epi32(mm_ld32(qa + 8)));
+        ib = _mm512_dpbusd_epi32(ib, w3, _mm512_set1_epi32(mm_ld32(qa + 12)));
+        ia = _mm512_dpbusd_epi32(ia, w4, _mm512_set1_epi32(mm_ld32(qa + 16)));
+        ib = _mm512_dpbusd_epi32(ib, w5, _mm512_set1_epi32(mm_ld32(qa + 20)));
+        ia = _mm512_dpbusd_epi32(ia, w6, _mm512_set1_epi32(mm_ld32(qa + 24)));
+        ib = _mm512_dpbusd_epi32(ib, w7, _mm512_set1_epi32(mm_ld32(qa + 28)));
+        ia = _mm512_add_epi32(ia, ib);
+      } else {
+        ia = _mm512_dpbusd_epi32(ia, w0, _mm512_set1_epi32(mm_ld32(qa + 0)));
+        ia = _mm512_dpbusd_epi32(ia, w1, _mm512_set1_epi32(mm_ld32(qa + 4)));
+        ia = _mm512_dpbusd_epi32(ia, w2, _mm512_set1_epi32(mm_ld32(qa + 8)));
+        ia = _mm512_dpbusd_epi32(ia, w3, _mm512_set1_epi32(mm_ld32(qa + 12)));
+        ia = _mm512_dpbusd_epi32(ia, w4, _mm512_set1_epi32(mm_ld32(qa + 16)));
+        ia = _mm512_dpbusd_epi32(ia, w5, _mm512_set1_epi32(mm_ld32(qa + 20)));
+        ia = _mm512_dpbusd_epi32(ia, w6, _mm512_set1_epi32(mm_ld32(qa + 24)));
+        ia = _mm512_dpbusd_epi32(ia, w7, _mm512_set1_epi32(mm_ld32(qa + 28)));
+      }
+      const __m512 dv = _mm512_set1_ps(d[j * nkb + b]);
+      const __m512 f = _mm512_cvtepi32_ps(ia);
+      acc[j] = WS ? _mm512_fmadd_ps(f, _mm512_mul_ps(sc, dv), acc[j]) : _mm512_fmadd_ps(f, dv, acc[j]);
+    }
+  }
+  if (n_store >= MM_TILE) {
+    for (int j = 0; j < MB; ++j) _mm512_storeu_ps(out + j * ldo, acc[j]);
+  } else {
+    for (int j = 0; j < MB; ++j) _mm512_mask_storeu_ps(out + j * ldo, mask, acc[j]);
+  }
+}
+
+template <bool WS>
+void gemm_t(const uint8_t* W, int64_t tile_stride, int64_t nkb, int64_t t0, int64_t t1,
+            const int8_t* q, const float* d, const int32_t* s, int64_t m, float* out, int64_t ldo,
+            int64_t n_valid) {
+  const int64_t K = nkb * MM_QK;
+  const int MBMAX = 8;
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* wt = W + t * tile_stride;
+    int64_t rem = n_valid - t * MM_TILE;
+    const int n_store = rem >= MM_TILE ? MM_TILE : (int)rem;
+    if (n_store <= 0) continue;
+    for (int64_t j0 = 0; j0 < m; j0 += MBMAX) {  // the tile stays in L1/L2 across token groups
+      const int64_t mb = m - j0 < MBMAX ? m - j0 : MBMAX;
+      const int8_t* qj = q + j0 * K;
+      const float* dj = d + j0 * nkb;
+      const int32_t* sj = s + j0 * nkb;
+      float* oj = out + j0 * ldo + t * MM_TILE;
+#define MM_TK(n) tile_kernel<n, WS>(wt, nkb, qj, dj, sj, oj, ldo, n_store)
+      switch (mb) {
+        case 1: MM_TK(1); break;
+        case 2: MM_TK(2); break;
+        case 3: MM_TK(3); break;
+        case 4: MM_TK(4); break;
+        case 5: MM_TK(5); break;
+        case 6: MM_TK(6); break;
+        case 7: MM_TK(7); break;
+        default: MM_TK(8); break;
+      }
+#undef MM_TK
+    }
+  }
+}
+
+void gemm(const uint8_t* W, int64_t tile_stride, int64_t nkb, int wscaled, int64_t t0, int64_t t1,
+          const int8_t* q, const float* d, const int32_t* s, int64_t m, float* out, int64_t ldo,
+          int64_t n_valid) {
+  if (wscaled)
+    gemm_t<true>(W, tile_stride, nkb, t0, t1, q, d, s, m, out, ldo, n_valid);
+  else
+    gemm_t<false>(W, tile_stride, nkb, t0, t1, q, d, s, m, out, ldo, n_valid);
+}
+
+}  // namespace
+
+extern const mm_kernels mm_kernels_avx512 = {"avx512", quant_row, gemm};

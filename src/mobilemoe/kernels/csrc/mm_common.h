@@ -1,0 +1,74 @@
+// Shared, torch-free definitions for the per-ISA kernel translation units.
+//
+// The ISA units are compiled with their own -m flags. They must NOT include torch or any C++
+// standard-library template header: an inline function instantiated there with AVX-512 enabled
+// could be picked by the linker for the whole extension and crash a CPU without AVX-512. Everything
+// they define is either `static`/anonymous-namespace or one exported `const mm_kernels` table.
+//
+// Runtime weight layout ("mobilemoe-q4t16"), built once at load time by mobilemoe.kernels.pack:
+//   Rows (output features) are grouped in tiles of 16, K (input features, multiple of 32) in
+//   blocks of 32. Tile t occupies `tile_stride` bytes (a multiple of 64) starting at t*tile_stride:
+//     [nkb blocks x 256 bytes of codes][nkb x 16 fp16 row scales]   (scales only for linear weights)
+//   Inside a (tile, block) the 256 code bytes are 4 chunks of 64 bytes; chunk c, byte r*4+kk holds
+//     low nibble  = code(row r, k = 32*b + 8*c + kk) + 8        (k-group 2c)
+//     high nibble = code(row r, k = 32*b + 8*c + 4 + kk) + 8    (k-group 2c+1)
+//   so one 64-byte vector holds a 16 rows x 4 k slab: exactly what vpdpbusd consumes against a
+//   broadcast of 4 int8 activations (one int32 lane per output row).
+//   Codes are stored biased (unsigned 0..15); the bias is removed with 8*sum(q) per activation
+//   block (the llama.cpp Q4_0 x Q8_0 trick).
+// Activations are quantized per row to int8 per block of 32 (Q8_0): q[K], d[nkb] (fp32 scale),
+//   s[nkb] = 8 * sum(q in block).
+#pragma once
+#include <stdint.h>
+#include <string.h>
+
+#define MM_TILE 16
+#define MM_QK 32
+#define MM_BLOCK_BYTES 256
+
+typedef struct mm_kernels {
+  const char* name;
+  // One activation row: x[K] (optionally multiplied elementwise by fp16 mul[K]) -> q, d, s.
+  void (*quant_row)(const float* x, const uint16_t* mul, int64_t K, int8_t* q, float* d, int32_t* s);
+  // out[j*ldo + 16*t + r] = sum_k x_j[k] * W[16t + r, k] for tiles t in [t0, t1), tokens j < m,
+  // columns >= n_valid are not written. q/d/s hold m rows (row stride K = 32*nkb, nkb).
+  void (*gemm)(const uint8_t* W, int64_t tile_stride, int64_t nkb, int wscaled, int64_t t0, int64_t t1,
+               const int8_t* q, const float* d, const int32_t* s, int64_t m, float* out, int64_t ldo,
+               int64_t n_valid);
+} mm_kernels;
+
+extern const mm_kernels mm_kernels_portable;
+#if defined(__x86_64__) || defined(_M_X64)
+extern const mm_kernels mm_kernels_avx2;    // built only on x86-64 (see setup.py)
+extern const mm_kernels mm_kernels_avx512;
+#endif
+
+static inline float mm_half_to_float(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu;
+  uint32_t man = h & 0x3FFu;
+  uint32_t bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: normalise
+      exp = 127 - 15 + 1;
+      while (!(man & 0x400u)) { man <<= 1; --exp; }
+      man &= 0x3FFu;
+      bits = sign | (exp << 23) | (man << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7F800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+static inline int32_t mm_ld32(const int8_t* p) {
+  int32_t v;
+  memcpy(&v, p, 4);
+  return v;
+}

@@ -1,0 +1,398 @@
+// mobilemoe._C.NativeModel: the whole MobileMoE forward in one native call per step.
+//
+// Same semantics as src/mobilemoe/model.py (the reference): RMSNorm, fused QKV, RoPE on adjacent
+// pairs (2i, 2i+1), weightless QK-norm, GQA attention over a static fp32 KV cache, sigmoid (or
+// softmax) routing with a selection-only bias, ties to the lower index, renormalised top-k times
+// routed_scaling_factor, the fused MoE operator (routed + shared experts), tied or untied LM head.
+// Matmuls run on the packed INT4 kernels of ops.cpp (int8 dynamic activations); everything else
+// is fp32. Only the last position's logits are computed.
+#include <torch/extension.h>
+
+#include <c10/util/Half.h>
+#include <c10/util/ParallelGuard.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+#include <cstdlib>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <map>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "ops_api.h"
+
+namespace {
+
+struct Layer {
+  at::Tensor in_norm, post_norm;  // fp32 [H]
+  at::Tensor qkv, o;              // packed linears [(nH+2nKV)D, H], [H, nH D]
+  bool moe = false, rope = true;
+  at::Tensor router, bias;                            // fp32 [E, H], [E]
+  at::Tensor gu_codes, gu_scales, dn_codes, dn_scales;  // packed experts
+  at::Tensor ffn_gu, ffn_dn;                          // packed shared expert / dense FFN (fused gate|up)
+  int64_t ffn_width = 0;                              // S (0: no shared expert)
+};
+
+void rms_norm_rows(const float* x, const float* w, float* y, int64_t T, int64_t H, float eps) {
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xr = x + t * H;
+    float* yr = y + t * H;
+    double ss = 0.0;
+    for (int64_t i = 0; i < H; ++i) ss += (double)xr[i] * xr[i];
+    const float inv = 1.0f / std::sqrt((float)(ss / H) + eps);
+    if (w)
+      for (int64_t i = 0; i < H; ++i) yr[i] = xr[i] * inv * w[i];
+    else
+      for (int64_t i = 0; i < H; ++i) yr[i] = xr[i] * inv;
+  }
+}
+
+// ---- decode attention over an fp16 KV cache: one KV group (its G query heads) per job --------------
+// scores[r][j] = q_r . k_j / sqrt(D); p = softmax; out_r = sum_j p[r][j] v_j. Each key/value row is
+// read once for all G heads of its group.
+
+float half_to_float(uint16_t h) { return (float)c10::Half(h, c10::Half::from_bits()); }
+
+void attend_group_portable(const float* q, const uint16_t* K, const uint16_t* Vc, int64_t S, int64_t D, int64_t G,
+                           float* scores, float* out) {
+  const float scale = 1.0f / std::sqrt((float)D);
+  std::vector<float> kv(D);
+  for (int64_t j = 0; j < S; ++j) {
+    for (int64_t d = 0; d < D; ++d) kv[d] = half_to_float(K[j * D + d]);
+    for (int64_t r = 0; r < G; ++r) {
+      float acc = 0.f;
+      for (int64_t d = 0; d < D; ++d) acc += q[r * D + d] * kv[d];
+      scores[r * S + j] = acc * scale;
+    }
+  }
+  for (int64_t r = 0; r < G; ++r) {
+    float* sr = scores + r * S;
+    const float mx = *std::max_element(sr, sr + S);
+    float total = 0.f;
+    for (int64_t j = 0; j < S; ++j) total += (sr[j] = std::exp(sr[j] - mx));
+    for (int64_t j = 0; j < S; ++j) sr[j] /= total;
+    std::fill(out + r * D, out + (r + 1) * D, 0.f);
+  }
+  for (int64_t j = 0; j < S; ++j) {
+    for (int64_t d = 0; d < D; ++d) kv[d] = half_to_float(Vc[j * D + d]);
+    for (int64_t r = 0; r < G; ++r) {
+      const float p = scores[r * S + j];
+      for (int64_t d = 0; d < D; ++d) out[r * D + d] += p * kv[d];
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// AVX-512 path (D a multiple of 16, G <= 8), compiled for this function only and picked at run time.
+__attribute__((target("avx512f,fma"))) void attend_group_avx512(const float* q, const uint16_t* K,
+                                                                 const uint16_t* Vc, int64_t S, int64_t D,
+                                                                 int64_t G, float* scores, float* out) {
+  const float scale = 1.0f / std::sqrt((float)D);
+  const int64_t nv = D / 16;
+  for (int64_t j = 0; j < S; ++j) {
+    __m512 acc[8];
+    for (int64_t r = 0; r < G; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < nv; ++c) {
+      const __m512 k = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(K + j * D + c * 16)));
+      for (int64_t r = 0; r < G; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * D + c * 16), k, acc[r]);
+    }
+    for (int64_t r = 0; r < G; ++r) scores[r * S + j] = _mm512_reduce_add_ps(acc[r]) * scale;
+  }
+  for (int64_t r = 0; r < G; ++r) {
+    float* sr = scores + r * S;
+    const float mx = *std::max_element(sr, sr + S);
+    float total = 0.f;
+    for (int64_t j = 0; j < S; ++j) total += (sr[j] = std::exp(sr[j] - mx));
+    const float inv = 1.0f / total;
+    for (int64_t j = 0; j < S; ++j) sr[j] *= inv;
+  }
+  __m512 o[8][4];  // D <= 64
+  for (int64_t r = 0; r < G; ++r)
+    for (int64_t c = 0; c < nv; ++c) o[r][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < S; ++j) {
+    for (int64_t c = 0; c < nv; ++c) {
+      const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(Vc + j * D + c * 16)));
+      for (int64_t r = 0; r < G; ++r) o[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[r * S + j]), v, o[r][c]);
+    }
+  }
+  for (int64_t r = 0; r < G; ++r)
+    for (int64_t c = 0; c < nv; ++c) _mm512_storeu_ps(out + r * D + c * 16, o[r][c]);
+}
+#endif
+
+using AttendFn = void (*)(const float*, const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t, float*, float*);
+
+AttendFn pick_attend(int64_t D, int64_t G) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  const char* forced = std::getenv("MOBILEMOE_KERNEL_ISA");
+  const bool allow = !forced || std::string(forced) == "avx512";
+  if (allow && __builtin_cpu_supports("avx512f") && D % 16 == 0 && D <= 64 && G <= 8) return attend_group_avx512;
+#endif
+  return attend_group_portable;
+}
+
+// Wall time per category of a forward, accumulated while enabled (NativeModel.set_profiling).
+struct Profiler {
+  bool on = false;
+  std::map<std::string, double> seconds;
+  std::chrono::steady_clock::time_point t;
+  void start() {
+    if (on) t = std::chrono::steady_clock::now();
+  }
+  void stop(const char* what) {
+    if (!on) return;
+    auto now = std::chrono::steady_clock::now();
+    seconds[what] += std::chrono::duration<double>(now - t).count();
+    t = now;
+  }
+};
+
+}  // namespace
+
+class NativeModel {
+ public:
+  NativeModel(int64_t hidden, int64_t n_heads, int64_t n_kv, int64_t head_dim, int64_t vocab, int64_t experts,
+              int64_t top_k, int64_t routed_width, double eps, double routed_scale, bool norm_topk, bool sigmoid,
+              bool qk_norm, int64_t max_len, at::Tensor cos, at::Tensor sin, at::Tensor embed_q, at::Tensor embed_s,
+              at::Tensor head, at::Tensor final_norm)
+      : H(hidden), nH(n_heads), nKV(n_kv), D(head_dim), V(vocab), E(experts), K(top_k), I(routed_width),
+        eps((float)eps), scale((float)routed_scale), norm_topk(norm_topk), sigmoid(sigmoid), qk_norm(qk_norm),
+        max_len(max_len), cos_(cos.contiguous()), sin_(sin.contiguous()), embed_q(embed_q.contiguous()),
+        embed_s(embed_s.contiguous()), head(head), final_norm(final_norm.contiguous()) {
+    TORCH_CHECK(cos_.size(0) >= max_len && cos_.size(1) == D / 2, "rope tables must be [max_len, D/2]");
+    attend = pick_attend(D, nH / nKV);
+  }
+
+  void add_layer(at::Tensor in_norm, at::Tensor post_norm, at::Tensor qkv, at::Tensor o, bool rope, bool moe,
+                 at::Tensor router, at::Tensor bias, at::Tensor gu_codes, at::Tensor gu_scales, at::Tensor dn_codes,
+                 at::Tensor dn_scales, at::Tensor ffn_gu, at::Tensor ffn_dn, int64_t ffn_width) {
+    Layer l;
+    l.in_norm = in_norm.contiguous();
+    l.post_norm = post_norm.contiguous();
+    l.qkv = qkv, l.o = o, l.rope = rope, l.moe = moe;
+    l.router = router.contiguous(), l.bias = bias.contiguous();
+    l.gu_codes = gu_codes, l.gu_scales = gu_scales, l.dn_codes = dn_codes, l.dn_scales = dn_scales;
+    l.ffn_gu = ffn_gu, l.ffn_dn = ffn_dn, l.ffn_width = ffn_width;
+    layers.push_back(l);
+    auto opt = at::TensorOptions().dtype(at::kHalf);  // fp16 KV cache, as llama.cpp
+    kcache.push_back(at::zeros({1, nKV, max_len, D}, opt));
+    vcache.push_back(at::zeros({1, nKV, max_len, D}, opt));
+  }
+
+  // ids [T] int64 at positions [start, start+T) -> logits [V] of the last position.
+  // With ``routing`` set, chosen expert ids of every MoE layer are appended there ([T, K] each).
+  at::Tensor forward(const at::Tensor& ids_in, int64_t start) {
+    at::Tensor ids = ids_in.contiguous();
+    TORCH_CHECK(ids.dtype() == at::kLong && ids.dim() == 1 && ids.size(0) > 0, "ids must be a non-empty int64 [T]");
+    const int64_t T = ids.size(0);
+    TORCH_CHECK(start >= 0 && start + T <= max_len, "positions [", start, ", ", start + T, ") exceed the KV cache (",
+                max_len, ")");
+    prof.start();
+    at::Tensor x = embed(ids);
+    at::Tensor h = at::empty({T, H}, x.options());
+    prof.stop("embed");
+    for (size_t li = 0; li < layers.size(); ++li) {
+      const Layer& L = layers[li];
+      rms_norm_rows(x.data_ptr<float>(), L.in_norm.data_ptr<float>(), h.data_ptr<float>(), T, H, eps);
+      prof.stop("norm");
+      x.add_(attention(li, h, start));
+      prof.stop("attn_out_proj");
+      rms_norm_rows(x.data_ptr<float>(), L.post_norm.data_ptr<float>(), h.data_ptr<float>(), T, H, eps);
+      prof.stop("norm");
+      x.add_(L.moe ? moe(L, h) : dense_ffn(L, h));
+      prof.stop(L.moe ? "moe_experts" : "dense_ffn");
+    }
+    at::Tensor last = at::empty({1, H}, x.options());
+    rms_norm_rows(x.data_ptr<float>() + (T - 1) * H, final_norm.data_ptr<float>(), last.data_ptr<float>(), 1, H, eps);
+    at::Tensor logits = mobilemoe_api::linear(head, V, H, last).view({V});
+    prof.stop("lm_head");
+    return logits;
+  }
+
+  int64_t num_layers() const { return (int64_t)layers.size(); }
+
+  void set_profiling(bool on) {
+    prof.on = on;
+    prof.seconds.clear();
+  }
+  std::map<std::string, double> profile() const { return prof.seconds; }
+
+ private:
+  // Dequantize embedding rows: value = code * scale, groups of 32 along H, even index = low nibble.
+  at::Tensor embed(const at::Tensor& ids) {
+    const int64_t T = ids.size(0), G = H / 32;
+    at::Tensor x = at::empty({T, H}, at::TensorOptions().dtype(at::kFloat));
+    const int64_t* ip = ids.data_ptr<int64_t>();
+    const uint8_t* q = embed_q.data_ptr<uint8_t>();
+    const at::Half* s = embed_s.data_ptr<at::Half>();
+    float* xp = x.data_ptr<float>();
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK(ip[t] >= 0 && ip[t] < V, "token id ", ip[t], " out of the vocabulary [0, ", V, ")");
+      const uint8_t* row = q + ip[t] * (H / 2);
+      for (int64_t g = 0; g < G; ++g) {
+        const float sc = (float)s[ip[t] * G + g];
+        for (int64_t j = 0; j < 16; ++j) {
+          const uint8_t b = row[g * 16 + j];
+          const int lo = (b & 0xF) >= 8 ? (b & 0xF) - 16 : (b & 0xF);
+          const int hi = (b >> 4) >= 8 ? (b >> 4) - 16 : (b >> 4);
+          xp[t * H + g * 32 + 2 * j] = lo * sc;
+          xp[t * H + g * 32 + 2 * j + 1] = hi * sc;
+        }
+      }
+    }
+    return x;
+  }
+
+  void rope_head(float* v, int64_t pos) const {
+    const float* c = cos_.data_ptr<float>() + pos * (D / 2);
+    const float* s = sin_.data_ptr<float>() + pos * (D / 2);
+    for (int64_t i = 0; i < D / 2; ++i) {
+      const float x0 = v[2 * i], x1 = v[2 * i + 1];
+      v[2 * i] = x0 * c[i] - x1 * s[i];
+      v[2 * i + 1] = x0 * s[i] + x1 * c[i];
+    }
+  }
+
+  at::Tensor attention(size_t li, const at::Tensor& h, int64_t start) {
+    const Layer& L = layers[li];
+    const int64_t T = h.size(0), QO = nH * D, KO = nKV * D;
+    at::Tensor qkv = mobilemoe_api::linear(L.qkv, QO + 2 * KO, H, h);  // [T, QO + 2 KO]
+    prof.stop("qkv_proj");
+    float* p = qkv.data_ptr<float>();
+    at::Half* kc = kcache[li].data_ptr<at::Half>();
+    at::Half* vc = vcache[li].data_ptr<at::Half>();
+    for (int64_t t = 0; t < T; ++t) {
+      float* row = p + t * (QO + 2 * KO);
+      const int64_t pos = start + t;
+      for (int64_t hd = 0; hd < nH + nKV; ++hd) {  // q heads then k heads
+        float* v = row + hd * D;
+        if (L.rope) rope_head(v, pos);
+        if (qk_norm) rms_norm_rows(v, nullptr, v, 1, D, eps);
+      }
+      for (int64_t g = 0; g < nKV; ++g) {
+        std::copy(row + QO + g * D, row + QO + (g + 1) * D, kc + (g * max_len + pos) * D);
+        std::copy(row + QO + KO + g * D, row + QO + KO + (g + 1) * D, vc + (g * max_len + pos) * D);
+      }
+    }
+    prof.stop("rope_qknorm_cache");
+    const int64_t S = start + T;
+    if (T == 1) {  // decode: the fp16 cache read once per KV group, groups spread over the job pool
+      const int64_t G = nH / nKV;
+      at::Tensor out = at::empty({1, QO}, qkv.options());
+      const float* qp = qkv.data_ptr<float>();
+      float* op = out.data_ptr<float>();
+      const uint16_t* kb = reinterpret_cast<const uint16_t*>(kc);
+      const uint16_t* vb = reinterpret_cast<const uint16_t*>(vc);
+      std::vector<float> scores(nKV * G * S);
+      mobilemoe_api::parallel_jobs(nKV, [&](int64_t g) {
+        attend(qp + g * G * D, kb + g * max_len * D, vb + g * max_len * D, S, D, G, scores.data() + g * G * S,
+               op + g * G * D);
+      });
+      prof.stop("attention");
+      return mobilemoe_api::linear(L.o, H, QO, out);
+    }
+    // prefill: causal SDPA per KV group (its G query heads), groups as jobs of the kernels' pool and
+    // each SDPA inline in its job, so no OpenMP team races the pool's threads.
+    const int64_t G = nH / nKV;
+    at::Tensor q = qkv.narrow(1, 0, QO).view({T, nH, D}).transpose(0, 1);  // [nH, T, D]
+    std::optional<at::Tensor> mask;
+    if (start > 0) {  // a chunk appended after `start` cached positions
+      at::Tensor qpos = at::arange(start, start + T, at::kLong).unsqueeze(1);
+      mask = at::arange(S, at::kLong).unsqueeze(0) <= qpos;
+    }
+    at::Tensor out = at::empty({nH, T, D}, qkv.options());
+    mobilemoe_api::parallel_jobs(nKV, [&](int64_t g) {
+      c10::ParallelGuard inline_ops(true);
+      at::Tensor k = kcache[li].select(0, 0).narrow(0, g, 1).narrow(1, 0, S).to(at::kFloat);  // [1, S, D]
+      at::Tensor v = vcache[li].select(0, 0).narrow(0, g, 1).narrow(1, 0, S).to(at::kFloat);
+      at::Tensor qg = q.narrow(0, g * G, G).unsqueeze(0);  // [1, G, T, D]
+      at::Tensor o = at::scaled_dot_product_attention(qg, k.unsqueeze(0), v.unsqueeze(0), mask, 0.0, start == 0,
+                                                      std::nullopt, /*enable_gqa=*/true);
+      out.narrow(0, g * G, G).copy_(o.squeeze(0));
+    });
+    at::Tensor flat = out.transpose(0, 1).reshape({T, QO}).contiguous();
+    prof.stop("attention");
+    return mobilemoe_api::linear(L.o, H, QO, flat);
+  }
+
+  at::Tensor moe(const Layer& L, const at::Tensor& h) {
+    const int64_t T = h.size(0);
+    // fp32 router scores, row chunks as pool jobs with the ATen ops inline (see attention()).
+    at::Tensor scores = at::empty({T, E}, h.options());
+    const int64_t chunk = 64, nchunks = (T + chunk - 1) / chunk;
+    mobilemoe_api::parallel_jobs(nchunks, [&](int64_t c) {
+      c10::ParallelGuard inline_ops(true);
+      const int64_t r0 = c * chunk, n = std::min(chunk, T - r0);
+      at::Tensor logits = at::mm(h.narrow(0, r0, n), L.router.t());
+      scores.narrow(0, r0, n).copy_(sigmoid ? logits.sigmoid() : logits.softmax(-1));
+    });
+    at::Tensor ids = at::empty({T, K}, at::TensorOptions().dtype(at::kLong));
+    at::Tensor w = at::empty({T, K}, at::TensorOptions().dtype(at::kFloat));
+    const float* sp = scores.data_ptr<float>();
+    const float* bp = L.bias.data_ptr<float>();
+    int64_t* ip = ids.data_ptr<int64_t>();
+    float* wp = w.data_ptr<float>();
+    std::vector<int64_t> order(E);
+    std::vector<float> sel(E);
+    for (int64_t t = 0; t < T; ++t) {
+      const float* s = sp + t * E;
+      for (int64_t e = 0; e < E; ++e) sel[e] = s[e] + bp[e];
+      std::iota(order.begin(), order.end(), 0);
+      std::partial_sort(order.begin(), order.begin() + K, order.end(),
+                        [&](int64_t a, int64_t b) { return sel[a] > sel[b] || (sel[a] == sel[b] && a < b); });
+      float total = 0.f;
+      for (int64_t j = 0; j < K; ++j) total += s[order[j]];
+      for (int64_t j = 0; j < K; ++j) {
+        ip[t * K + j] = order[j];
+        wp[t * K + j] = (norm_topk ? s[order[j]] / total : s[order[j]]) * scale;
+      }
+    }
+    prof.stop("router");
+    static const at::Tensor empty = at::empty({0, 0}, at::TensorOptions().dtype(at::kByte));
+    const bool shared = L.ffn_width > 0;
+    return mobilemoe_api::moe(h, ids, w, L.gu_codes, L.gu_scales, L.dn_codes, L.dn_scales, I,
+                              shared ? L.ffn_gu : empty, shared ? L.ffn_dn : empty, L.ffn_width);
+  }
+
+  at::Tensor dense_ffn(const Layer& L, const at::Tensor& h) {
+    const int64_t S = L.ffn_width;
+    const int64_t T = h.size(0);
+    at::Tensor gu = mobilemoe_api::linear(L.ffn_gu, 2 * S, H, h);
+    at::Tensor act = at::empty({T, S}, h.options());
+    const int64_t chunk = 16, nchunks = (T + chunk - 1) / chunk;
+    mobilemoe_api::parallel_jobs(nchunks, [&](int64_t c) {  // silu(gate) * up, row chunks on the pool
+      c10::ParallelGuard inline_ops(true);
+      const int64_t r0 = c * chunk, n = std::min(chunk, T - r0);
+      at::Tensor g = gu.narrow(0, r0, n);
+      at::Tensor rows = act.narrow(0, r0, n);
+      at::mul_out(rows, at::silu(g.narrow(1, 0, S)), g.narrow(1, S, S));
+    });
+    return mobilemoe_api::linear(L.ffn_dn, H, S, act);
+  }
+
+  int64_t H, nH, nKV, D, V, E, K, I;
+  float eps, scale;
+  bool norm_topk, sigmoid, qk_norm;
+  int64_t max_len;
+  at::Tensor cos_, sin_, embed_q, embed_s, head, final_norm;
+  std::vector<Layer> layers;
+  std::vector<at::Tensor> kcache, vcache;
+  Profiler prof;
+  AttendFn attend;
+};
+
+void register_native_model(pybind11::module_& m) {
+  pybind11::class_<NativeModel>(m, "NativeModel")
+      .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, double, bool,
+                          bool, bool, int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>())
+      .def("add_layer", &NativeModel::add_layer)
+      .def("forward", &NativeModel::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("num_layers", &NativeModel::num_layers)
+      .def("set_profiling", &NativeModel::set_profiling)
+      .def("profile", &NativeModel::profile);
+}

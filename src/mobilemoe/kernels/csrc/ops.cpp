@@ -1,0 +1,634 @@
+// mobilemoe._C: runtime ISA dispatch, threading and the fused MoE operator.
+// The per-ISA math lives in isa_{portable,avx2,avx512}.cpp (see mm_common.h for the layout).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <c10/util/ParallelGuard.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
+
+#include <pthread.h>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "mm_common.h"
+#include "ops_api.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define MOBILEMOE_X86 1
+#include <immintrin.h>  // _mm_pause only (baseline SSE2)
+#else
+#define MOBILEMOE_X86 0
+#endif
+
+namespace {
+
+constexpr int64_t TOKEN_CHUNK = 128;  // tokens per job: activations of a chunk stay in L2
+constexpr int64_t TILE_BLOCK = 4;    // 16-row tiles per linear job
+
+// set_isa(): 0 = none (MOBILEMOE_KERNEL_ISA or auto), 1 = avx512, 2 = avx2, 3 = portable
+std::atomic<int> g_forced{0};
+const char* const kIsaNames[] = {"", "avx512", "avx2", "portable"};
+
+bool cpu_supports(const std::string& isa) {
+  if (isa == "portable") return true;
+#if MOBILEMOE_X86
+  __builtin_cpu_init();
+  if (isa == "avx2")
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (isa == "avx512")
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+           __builtin_cpu_supports("f16c");
+#endif
+  return false;
+}
+
+bool known_isa(const std::string& isa) { return isa == "avx512" || isa == "avx2" || isa == "portable"; }
+
+const mm_kernels* table_for(const std::string& isa) {
+#if MOBILEMOE_X86
+  if (isa == "avx512") return &mm_kernels_avx512;
+  if (isa == "avx2") return &mm_kernels_avx2;
+#endif
+  if (isa == "portable") return &mm_kernels_portable;
+  return nullptr;
+}
+
+std::string best_isa() {
+  for (const char* isa : {"avx512", "avx2"})
+    if (cpu_supports(isa)) return isa;
+  return "portable";
+}
+
+std::string requested_isa() {
+  const int forced = g_forced.load(std::memory_order_relaxed);
+  if (forced) return kIsaNames[forced];
+  const char* env = std::getenv("MOBILEMOE_KERNEL_ISA");
+  if (env && *env && std::strcmp(env, "auto") != 0) return env;
+  return "";
+}
+
+const mm_kernels* kernels() {
+  std::string isa = requested_isa();
+  if (isa.empty()) isa = best_isa();
+  TORCH_CHECK(known_isa(isa), "mobilemoe kernels: unknown ISA '", isa,
+              "' (MOBILEMOE_KERNEL_ISA / set_isa accept avx512, avx2, portable, auto)");
+  const mm_kernels* k = table_for(isa);
+  TORCH_CHECK(k != nullptr && cpu_supports(isa), "mobilemoe kernels: ISA '", isa,
+              "' was forced but this CPU/build does not support it");
+  return k;
+}
+
+inline void cpu_relax() {
+#if MOBILEMOE_X86
+  _mm_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+// Default threading: a small job pool. The caller and up to nworkers-1 helper threads claim
+// jobs from one atomic counter; the caller waits only for jobs a helper has actually CLAIMED, so a
+// helper the OS has not scheduled yet (busy or shared machine) never stalls a call -- the caller
+// just does its share. An OpenMP region instead waits at its closing barrier for every team thread,
+// which on an oversubscribed machine costs several ms per region: on the shared 2-core dev machine
+// (load ~6) a decode MoE layer took 16 ms with at::parallel_for vs 0.2 ms with this pool (0.16 ms on
+// one thread); on a quiet machine both give the same best times. Helpers spin ~300 us after each
+// task, then sleep on a condition variable. Also works in a fork()ed child (GNU OpenMP does not).
+// MOBILEMOE_KERNEL_THREADING=omp selects at::parallel_for (OpenMP) instead.
+class JobPool {
+ public:
+  using Fn = std::function<void(int64_t, int)>;
+  static int spin_micros() {
+    static const int us = [] {
+      const char* e = std::getenv("MOBILEMOE_POOL_SPIN_US");
+      return e ? std::atoi(e) : 300;
+    }();
+    return us;
+  }
+
+  // The process-wide pool, created on first use and never destroyed (detached helpers outlive static
+  // destructors). A fork()ed child gets a fresh pool: the parent's helpers do not exist there.
+  static JobPool& instance() {
+    JobPool* p = current_.load(std::memory_order_acquire);
+    if (p == nullptr) {
+      static std::once_flag atfork_once;
+      std::call_once(atfork_once, [] {
+        pthread_atfork(nullptr, nullptr, [] { current_.store(nullptr, std::memory_order_relaxed); });
+      });
+      JobPool* fresh = new JobPool();
+      if (current_.compare_exchange_strong(p, fresh))
+        p = fresh;
+      else
+        delete fresh;  // another thread won; `p` now holds its pool
+    }
+    return *p;
+  }
+
+  // Returns false (nothing run) when another thread is using the pool; the caller then runs serially.
+  bool run(int64_t njobs, int nworkers, const Fn& fn) {
+    std::unique_lock<std::mutex> busy(run_mutex_, std::try_to_lock);
+    if (!busy.owns_lock()) return false;
+    ensure_helpers(nworkers - 1);
+    Task t;
+    t.fn = &fn;
+    t.njobs = njobs;
+    t.max_workers = nworkers;
+    cur_.store(&t, std::memory_order_seq_cst);
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      gen_.fetch_add(1, std::memory_order_seq_cst);
+    }
+    cv_.notify_all();
+    {
+      c10::ParallelGuard guard(true);  // ATen ops inside jobs run inline
+      int64_t j;
+      while ((j = t.next.fetch_add(1, std::memory_order_relaxed)) < njobs) {
+        fn(j, 0);
+        t.done.fetch_add(1, std::memory_order_release);
+      }
+    }
+    // Unpublish, then wait for claimed jobs and for every helper that may still hold &t.
+    cur_.store(nullptr, std::memory_order_seq_cst);
+    wait_until([&] { return t.done.load(std::memory_order_acquire) >= t.njobs; });
+    wait_until([&] { return entering_.load(std::memory_order_seq_cst) == 0; });
+    wait_until([&] { return t.refs.load(std::memory_order_seq_cst) == 0; });
+    return true;
+  }
+
+ private:
+  struct Task {
+    const Fn* fn = nullptr;
+    int64_t njobs = 0;
+    int max_workers = 1;
+    std::atomic<int64_t> next{0}, done{0};
+    std::atomic<int> refs{0}, next_worker{1};
+  };
+
+  template <typename P>
+  static void wait_until(const P& pred) {
+    for (int i = 0; !pred(); ++i) {
+      if (i < 4096)
+        cpu_relax();
+      else
+        std::this_thread::yield();  // let a descheduled helper finish its claimed job
+    }
+  }
+
+  void ensure_helpers(int n) {
+    while ((int)helpers_ < n) {
+      std::thread(&JobPool::helper_loop, this).detach();
+      ++helpers_;
+    }
+  }
+
+  void helper_loop() {
+    c10::ParallelGuard guard(true);
+    uint64_t seen = gen_.load(std::memory_order_seq_cst);
+    for (;;) {
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int i = 0; gen_.load(std::memory_order_acquire) == seen; ++i) {
+        cpu_relax();
+        if ((i & 255) == 255 && std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(spin_micros())) {
+          std::unique_lock<std::mutex> lk(m_);
+          cv_.wait(lk, [&] { return gen_.load(std::memory_order_seq_cst) != seen; });
+          break;
+        }
+      }
+      seen = gen_.load(std::memory_order_seq_cst);
+      // Hazard protocol: `entering_` covers the window between loading cur_ and taking a reference,
+      // so run() cannot return (and destroy its Task) while a helper might still touch it.
+      entering_.fetch_add(1, std::memory_order_seq_cst);
+      Task* t = cur_.load(std::memory_order_seq_cst);
+      if (t) t->refs.fetch_add(1, std::memory_order_seq_cst);
+      entering_.fetch_sub(1, std::memory_order_seq_cst);
+      if (!t) continue;
+      const int w = t->next_worker.fetch_add(1, std::memory_order_relaxed);
+      if (w < t->max_workers) {
+        int64_t j;
+        while ((j = t->next.fetch_add(1, std::memory_order_relaxed)) < t->njobs) {
+          (*t->fn)(j, w);
+          t->done.fetch_add(1, std::memory_order_release);
+        }
+      }
+      t->refs.fetch_sub(1, std::memory_order_seq_cst);
+    }
+  }
+
+  std::mutex run_mutex_, m_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<Task*> cur_{nullptr};
+  std::atomic<int> entering_{0};
+  size_t helpers_ = 0;  // guarded by run_mutex_
+  static inline std::atomic<JobPool*> current_{nullptr};
+};
+
+bool use_job_pool() {
+  const char* env = std::getenv("MOBILEMOE_KERNEL_THREADING");
+  return !(env && std::strcmp(env, "omp") == 0);
+}
+
+// Run fn(job, worker) for job in [0, njobs), dynamically scheduled over nworkers threads: the job
+// pool above, or (MOBILEMOE_KERNEL_THREADING=omp) one at::parallel_for over the workers, each
+// claiming jobs from a shared atomic counter (balances unequal jobs and a slow core).
+// Worker ids < nworkers index per-worker scratch. Inside an enclosing parallel region: inline.
+template <typename F>
+void run_jobs(int64_t njobs, int nworkers, const F& fn) {
+  if (njobs <= 0) return;
+  if (nworkers <= 1 || njobs == 1 || at::in_parallel_region()) {
+    for (int64_t j = 0; j < njobs; ++j) fn(j, 0);
+    return;
+  }
+  if (use_job_pool()) {
+    const JobPool::Fn f = [&fn](int64_t j, int w) { fn(j, w); };
+    if (!JobPool::instance().run(njobs, nworkers, f))
+      for (int64_t j = 0; j < njobs; ++j) fn(j, 0);  // pool busy (another calling thread)
+    return;
+  }
+  std::atomic<int64_t> next{0};  // OpenMP
+  at::parallel_for(0, nworkers, 1, [&](int64_t b, int64_t e) {
+    for (int64_t w = b; w < e; ++w) {
+      int64_t j;
+      while ((j = next.fetch_add(1, std::memory_order_relaxed)) < njobs) fn(j, static_cast<int>(w));
+    }
+  });
+}
+
+// Below ~1 MB of "work" (weight bytes + MACs/12, i.e. ~40 us on one core) a call runs on one
+// thread: waking and synchronising helpers would cost more than it saves.
+constexpr double kParallelWork = 1 << 20;
+
+int workers_for(int64_t njobs, double work = kParallelWork) {
+  if (work < kParallelWork) return 1;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), njobs)));
+}
+
+struct QAct {  // int8 activations of rows x [M, K]
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int32_t> s;
+};
+
+void quantize_rows(const mm_kernels* k, const float* x, int64_t M, int64_t K, QAct& out) {
+  const int64_t nkb = K / MM_QK;
+  out.q.resize(M * K);
+  out.d.resize(M * nkb);
+  out.s.resize(M * nkb);
+  const int64_t rows_per_job = 16;
+  const int64_t njobs = (M + rows_per_job - 1) / rows_per_job;
+  run_jobs(njobs, workers_for(njobs, 8.0 * M * K), [&](int64_t j, int) {
+    for (int64_t r = j * rows_per_job; r < std::min(M, (j + 1) * rows_per_job); ++r)
+      k->quant_row(x + r * K, nullptr, K, out.q.data() + r * K, out.d.data() + r * nkb, out.s.data() + r * nkb);
+  });
+}
+
+void check_packed_linear(const at::Tensor& packed, int64_t N, int64_t K) {
+  TORCH_CHECK(packed.dtype() == at::kByte && packed.dim() == 2 && packed.is_contiguous(),
+              "packed linear weight must be a contiguous uint8 [tiles, tile_stride] tensor");
+  TORCH_CHECK(K % MM_QK == 0 && K > 0, "in_features must be a positive multiple of 32, got ", K);
+  TORCH_CHECK(packed.size(0) == (N + MM_TILE - 1) / MM_TILE, "packed weight has ", packed.size(0),
+              " tiles, expected ", (N + MM_TILE - 1) / MM_TILE, " for ", N, " rows");
+  TORCH_CHECK(packed.size(1) >= (K / MM_QK) * (MM_BLOCK_BYTES + 2 * MM_TILE), "packed tile stride too small");
+}
+
+// Linear jobs: tile blocks x token chunks (chunk-major so concurrent jobs share activations).
+void linear_jobs(const mm_kernels* k, const uint8_t* W, int64_t tile_stride, int64_t N, int64_t K,
+                 const QAct& a, int64_t M, float* out, int64_t ldo) {
+  const int64_t nkb = K / MM_QK;
+  const int64_t ntiles = (N + MM_TILE - 1) / MM_TILE;
+  const int64_t ntb = (ntiles + TILE_BLOCK - 1) / TILE_BLOCK;
+  const int64_t nch = (M + TOKEN_CHUNK - 1) / TOKEN_CHUNK;
+  const int64_t njobs = ntb * nch;
+  const double work = (double)ntiles * tile_stride + (double)M * N * K / 12.0;
+  run_jobs(njobs, workers_for(njobs, work), [&](int64_t j, int) {
+    const int64_t c = j / ntb, tb = j % ntb;
+    const int64_t m0 = c * TOKEN_CHUNK, m1 = std::min(M, m0 + TOKEN_CHUNK);
+    const int64_t t0 = tb * TILE_BLOCK, t1 = std::min(ntiles, t0 + TILE_BLOCK);
+    k->gemm(W, tile_stride, nkb, 1, t0, t1, a.q.data() + m0 * K, a.d.data() + m0 * nkb, a.s.data() + m0 * nkb,
+            m1 - m0, out + m0 * ldo, ldo, N);
+  });
+}
+
+at::Tensor linear_forward(const at::Tensor& packed, int64_t N, int64_t K, const at::Tensor& x) {
+  check_packed_linear(packed, N, K);
+  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.size(1) == K && x.is_contiguous(),
+              "x must be a contiguous float32 [M, ", K, "] tensor");
+  const mm_kernels* k = kernels();
+  const int64_t M = x.size(0);
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0) return out;
+  QAct a;
+  quantize_rows(k, x.data_ptr<float>(), M, K, a);
+  linear_jobs(k, packed.data_ptr<uint8_t>(), packed.size(1), N, K, a, M, out.data_ptr<float>(), N);
+  return out;
+}
+
+struct ExpertSet {  // packed stacked experts: codes [E, tiles*tile_stride], scales fp16 [E, G, in]
+  const uint8_t* codes;
+  const uint16_t* scales;
+  int64_t E, in, out, nkb, tile_stride, expert_bytes, G;
+};
+
+ExpertSet expert_set(const at::Tensor& codes, const at::Tensor& scales, int64_t in, int64_t out) {
+  TORCH_CHECK(codes.dtype() == at::kByte && codes.dim() == 2 && codes.is_contiguous(),
+              "packed expert codes must be a contiguous uint8 [E, bytes] tensor");
+  TORCH_CHECK(scales.dtype() == at::kHalf && scales.dim() == 3 && scales.is_contiguous(),
+              "packed expert scales must be a contiguous float16 [E, out/32, in] tensor");
+  TORCH_CHECK(in % MM_QK == 0 && out % MM_QK == 0, "expert in/out must be multiples of 32");
+  ExpertSet s;
+  s.E = codes.size(0);
+  s.in = in;
+  s.out = out;
+  s.nkb = in / MM_QK;
+  s.tile_stride = s.nkb * MM_BLOCK_BYTES;
+  s.expert_bytes = (out / MM_TILE) * s.tile_stride;
+  s.G = out / MM_QK;
+  TORCH_CHECK(codes.size(1) == s.expert_bytes, "packed expert codes: ", codes.size(1), " bytes per expert, expected ",
+              s.expert_bytes);
+  TORCH_CHECK(scales.size(0) == s.E && scales.size(1) == s.G && scales.size(2) == in,
+              "packed expert scales: wrong shape");
+  s.codes = codes.data_ptr<uint8_t>();
+  s.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  return s;
+}
+
+struct Scratch {  // per-worker buffers for group-scaled activations
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int32_t> s;
+  void reserve(int64_t rows, int64_t K) {
+    if ((int64_t)q.size() < rows * K) q.resize(rows * K);
+    if ((int64_t)d.size() < rows * (K / MM_QK)) {
+      d.resize(rows * (K / MM_QK));
+      s.resize(rows * (K / MM_QK));
+    }
+  }
+};
+
+// One expert, one 32-wide output group g, rows [r0, r1) of src (row r at src + idx(r) * ld):
+// a_g[i] = x[i] * scale[e, i, g] quantized per 32 i, then int8 dots over i. Exact up to the int8
+// rounding of a_g (the fp16 scale folds into the activation, the codes are used as they are).
+void expert_group(const mm_kernels* k, const ExpertSet& X, int64_t e, int64_t g, const float* src, int64_t ld,
+                  const int64_t* idx, int64_t r0, int64_t r1, float* out, int64_t ldo, Scratch& sc) {
+  const int64_t m = r1 - r0, K = X.in, nkb = X.nkb;
+  sc.reserve(m, K);
+  const uint16_t* gs = X.scales + (e * X.G + g) * K;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t row = idx ? idx[r] : r;
+    k->quant_row(src + row * ld, gs, K, sc.q.data() + (r - r0) * K, sc.d.data() + (r - r0) * nkb,
+                 sc.s.data() + (r - r0) * nkb);
+  }
+  k->gemm(X.codes + e * X.expert_bytes, X.tile_stride, nkb, 0, 2 * g, 2 * g + 2, sc.q.data(), sc.d.data(),
+          sc.s.data(), m, out + r0 * ldo, ldo, X.out);
+}
+
+at::Tensor expert_forward(const at::Tensor& codes, const at::Tensor& scales, int64_t in, int64_t out, int64_t e,
+                          const at::Tensor& x) {
+  ExpertSet X = expert_set(codes, scales, in, out);
+  TORCH_CHECK(e >= 0 && e < X.E, "expert index ", e, " out of range [0, ", X.E, ")");
+  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.size(1) == in && x.is_contiguous(),
+              "x must be a contiguous float32 [M, ", in, "] tensor");
+  const mm_kernels* k = kernels();
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, out}, x.options());
+  const int64_t nch = (M + TOKEN_CHUNK - 1) / TOKEN_CHUNK;
+  const int64_t njobs = nch * X.G;
+  const int nw = workers_for(njobs, (double)X.expert_bytes * 1.125 + (double)M * in * out / 12.0);
+  std::vector<Scratch> scratch(nw);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  run_jobs(njobs, nw, [&](int64_t j, int w) {
+    const int64_t c = j / X.G, g = j % X.G;
+    expert_group(k, X, e, g, xp, in, nullptr, c * TOKEN_CHUNK, std::min(M, (c + 1) * TOKEN_CHUNK), yp, out,
+                 scratch[w]);
+  });
+  return y;
+}
+
+// rows [M, 2W] -> contiguous [M, W]: silu(first half) * second half. Small inputs (decode) take a
+// plain loop; larger ones ATen's vectorized silu, in row slices spread over the job pool.
+at::Tensor swiglu_rows(const at::Tensor& gu, int64_t W) {
+  const int64_t M = gu.size(0);
+  at::Tensor h = at::empty({M, W}, gu.options());
+  if (M * W <= 16384) {
+    const float* g = gu.data_ptr<float>();
+    float* o = h.data_ptr<float>();
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t i = 0; i < W; ++i) {
+        const float v = g[r * 2 * W + i];
+        o[r * W + i] = v / (1.f + std::exp(-v)) * g[r * 2 * W + W + i];
+      }
+    return h;
+  }
+  const int64_t rows = std::max<int64_t>(1, 16384 / W);
+  const int64_t njobs = (M + rows - 1) / rows;
+  run_jobs(njobs, workers_for(njobs, 24.0 * M * W), [&](int64_t j, int) {
+    const int64_t r0 = j * rows, n = std::min(M, r0 + rows) - r0;
+    const at::Tensor g = gu.narrow(0, r0, n);
+    at::Tensor hs = h.narrow(0, r0, n);
+    at::mul_out(hs, at::silu(g.narrow(1, 0, W)), g.narrow(1, W, W));
+  });
+  return h;
+}
+
+struct Buf {  // uninitialized float scratch (every element is written before it is read)
+  std::unique_ptr<float[]> p;
+  explicit Buf(int64_t n) : p(n > 0 ? new float[n] : nullptr) {}
+  float* data() { return p.get(); }
+};
+
+struct Job {
+  int kind;  // 0 = routed expert group, 1 = shared linear tile block
+  int64_t e, g, a0, a1;
+};
+
+// The fused MoE layer. x [T, H]; ids/weights [T, k]; routed experts gate_up [E, H, 2I] and
+// down [E, I, H] (packed); optional shared SwiGLU: fused gate/up PackedLinear [2S, H] and down [H, S].
+at::Tensor moe_forward(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
+                       const at::Tensor& gu_codes, const at::Tensor& gu_scales, const at::Tensor& dn_codes,
+                       const at::Tensor& dn_scales, int64_t I, const at::Tensor& sh_gu, const at::Tensor& sh_dn,
+                       int64_t S) {
+  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x must be contiguous float32 [T, H]");
+  const int64_t T = x.size(0), H = x.size(1);
+  TORCH_CHECK(ids.dtype() == at::kLong && ids.dim() == 2 && ids.size(0) == T && ids.is_contiguous(),
+              "expert_ids must be contiguous int64 [T, k]");
+  const int64_t kk = ids.size(1);
+  TORCH_CHECK(weights.dtype() == at::kFloat && weights.sizes() == ids.sizes() && weights.is_contiguous(),
+              "weights must be contiguous float32 [T, k]");
+  ExpertSet GU = expert_set(gu_codes, gu_scales, H, 2 * I);
+  ExpertSet DN = expert_set(dn_codes, dn_scales, I, H);
+  TORCH_CHECK(GU.E == DN.E, "gate_up and down expert counts differ");
+  const bool shared = S > 0;
+  if (shared) {
+    check_packed_linear(sh_gu, 2 * S, H);
+    check_packed_linear(sh_dn, H, S);
+  }
+  const mm_kernels* k = kernels();
+  const int64_t E = GU.E, A = T * kk;
+  at::Tensor out = at::zeros({T, H}, x.options());
+  if (T == 0) return out;
+
+  // Group the T*k assignments by expert (stable counting sort).
+  const int64_t* idp = ids.data_ptr<int64_t>();
+  std::vector<int64_t> offs(E + 1, 0), token_of(A), slot_of(A);
+  for (int64_t a = 0; a < A; ++a) {
+    TORCH_CHECK(idp[a] >= 0 && idp[a] < E, "expert id ", idp[a], " out of range [0, ", E, ")");
+    offs[idp[a] + 1]++;
+  }
+  for (int64_t e = 0; e < E; ++e) offs[e + 1] += offs[e];
+  {
+    std::vector<int64_t> fill(offs.begin(), offs.end() - 1);
+    for (int64_t a = 0; a < A; ++a) {
+      const int64_t p = fill[idp[a]]++;
+      token_of[p] = a / kk;
+      slot_of[a] = p;
+    }
+  }
+  const float* xp = x.data_ptr<float>();
+  QAct xq, hq;
+  if (shared) quantize_rows(k, xp, T, H, xq);
+
+  // Stage 1: every chosen expert's gate_up (per output group) and the shared gate_up.
+  const auto fopt = x.options();
+  at::Tensor gu_t = at::empty({A, 2 * I}, fopt), sgu_t = at::empty({shared ? T : 0, 2 * S}, fopt);
+  float* gu = gu_t.data_ptr<float>();
+  float* sgu = sgu_t.data_ptr<float>();
+  std::vector<Job> jobs;
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t a0 = offs[e]; a0 < offs[e + 1]; a0 += TOKEN_CHUNK)
+      for (int64_t g = 0; g < GU.G; ++g) jobs.push_back({0, e, g, a0, std::min(offs[e + 1], a0 + TOKEN_CHUNK)});
+  const int64_t sh_tiles1 = (2 * S + MM_TILE - 1) / MM_TILE, sh_tiles2 = (H + MM_TILE - 1) / MM_TILE;
+  if (shared)
+    for (int64_t m0 = 0; m0 < T; m0 += TOKEN_CHUNK)
+      for (int64_t t0 = 0; t0 < sh_tiles1; t0 += TILE_BLOCK) jobs.push_back({1, 0, t0, m0, std::min(T, m0 + TOKEN_CHUNK)});
+  // Work estimate for the whole layer (decides one thread vs all): bytes of the chosen experts and
+  // the shared expert, plus MACs/12.
+  int64_t active = 0;
+  for (int64_t e = 0; e < E; ++e) active += offs[e + 1] > offs[e];
+  const double moe_work = (double)active * (GU.expert_bytes + DN.expert_bytes) * 1.125 +
+                          (shared ? (double)sh_gu.numel() + (double)sh_dn.numel() : 0.0) +
+                          (double)T * (3.0 * kk * H * I + (shared ? 3.0 * H * S : 0.0)) / 12.0;
+  int nw = workers_for((int64_t)jobs.size(), moe_work);
+  std::vector<Scratch> scratch(at::get_num_threads());
+  run_jobs((int64_t)jobs.size(), nw, [&](int64_t j, int w) {
+    const Job& jb = jobs[j];
+    if (jb.kind == 0) {
+      expert_group(k, GU, jb.e, jb.g, xp, H, token_of.data(), jb.a0, jb.a1, gu, 2 * I, scratch[w]);
+    } else {
+      const int64_t nkb = H / MM_QK;
+      k->gemm(sh_gu.data_ptr<uint8_t>(), sh_gu.size(1), nkb, 1, jb.g, std::min(sh_tiles1, jb.g + TILE_BLOCK),
+              xq.q.data() + jb.a0 * H, xq.d.data() + jb.a0 * nkb, xq.s.data() + jb.a0 * nkb, jb.a1 - jb.a0,
+              sgu + jb.a0 * 2 * S, 2 * S, 2 * S);
+    }
+  });
+
+  // SwiGLU activations.
+  at::Tensor h_t = swiglu_rows(gu_t, I);
+  const float* h = h_t.data_ptr<float>();
+  if (shared) {
+    at::Tensor hs_t = swiglu_rows(sgu_t, S);
+    quantize_rows(k, hs_t.data_ptr<float>(), T, S, hq);
+  }
+
+  // Stage 2: down projections.
+  Buf y(A * H), ys(shared ? T * H : 0);
+  jobs.clear();
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t a0 = offs[e]; a0 < offs[e + 1]; a0 += TOKEN_CHUNK)
+      for (int64_t g = 0; g < DN.G; ++g) jobs.push_back({0, e, g, a0, std::min(offs[e + 1], a0 + TOKEN_CHUNK)});
+  if (shared)
+    for (int64_t m0 = 0; m0 < T; m0 += TOKEN_CHUNK)
+      for (int64_t t0 = 0; t0 < sh_tiles2; t0 += TILE_BLOCK) jobs.push_back({1, 0, t0, m0, std::min(T, m0 + TOKEN_CHUNK)});
+  nw = workers_for((int64_t)jobs.size(), moe_work);
+  run_jobs((int64_t)jobs.size(), nw, [&](int64_t j, int w) {
+    const Job& jb = jobs[j];
+    if (jb.kind == 0) {
+      expert_group(k, DN, jb.e, jb.g, h, I, nullptr, jb.a0, jb.a1, y.data(), H, scratch[w]);
+    } else {
+      const int64_t nkb = S / MM_QK;
+      k->gemm(sh_dn.data_ptr<uint8_t>(), sh_dn.size(1), nkb, 1, jb.g, std::min(sh_tiles2, jb.g + TILE_BLOCK),
+              hq.q.data() + jb.a0 * S, hq.d.data() + jb.a0 * nkb, hq.s.data() + jb.a0 * nkb, jb.a1 - jb.a0,
+              ys.data() + jb.a0 * H, H, H);
+    }
+  });
+
+  // Weighted combine (fixed order per token: shared, then slots 0..k-1).
+  const float* wp = weights.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t njobs = (T + 7) / 8;
+  run_jobs(njobs, workers_for(njobs, 4.0 * T * kk * H), [&](int64_t j, int) {
+    for (int64_t t = j * 8; t < std::min(T, (j + 1) * 8); ++t) {
+      float* o = op + t * H;
+      if (shared) std::memcpy(o, ys.data() + t * H, H * sizeof(float));
+      for (int64_t s = 0; s < kk; ++s) {
+        const float wt = wp[t * kk + s];
+        const float* yr = y.data() + slot_of[t * kk + s] * H;
+        for (int64_t i = 0; i < H; ++i) o[i] += wt * yr[i];
+      }
+    }
+  });
+  return out;
+}
+
+std::vector<std::string> available_isas() {
+  std::vector<std::string> r;
+  for (const char* isa : {"avx512", "avx2", "portable"})
+    if (cpu_supports(isa)) r.push_back(isa);
+  return r;
+}
+
+std::string active_isa() {
+  std::string isa = requested_isa();
+  return isa.empty() ? best_isa() : isa;
+}
+
+void set_isa(const std::string& isa) {
+  if (isa.empty() || isa == "auto") {
+    g_forced.store(0);
+    return;
+  }
+  TORCH_CHECK(known_isa(isa), "mobilemoe kernels: unknown ISA '", isa, "' (avx512, avx2, portable, auto)");
+  TORCH_CHECK(table_for(isa) != nullptr && cpu_supports(isa), "mobilemoe kernels: this CPU/build does not support ISA '",
+              isa, "'");
+  g_forced.store(isa == "avx512" ? 1 : isa == "avx2" ? 2 : 3);
+}
+
+}  // namespace
+
+// Exported for model.cpp (see ops_api.h).
+namespace mobilemoe_api {
+at::Tensor linear(const at::Tensor& packed, int64_t N, int64_t K, const at::Tensor& x) {
+  return linear_forward(packed, N, K, x);
+}
+at::Tensor moe(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& gu_codes,
+               const at::Tensor& gu_scales, const at::Tensor& dn_codes, const at::Tensor& dn_scales, int64_t I,
+               const at::Tensor& sh_gu, const at::Tensor& sh_dn, int64_t S) {
+  return moe_forward(x, ids, weights, gu_codes, gu_scales, dn_codes, dn_scales, I, sh_gu, sh_dn, S);
+}
+void parallel_jobs(int64_t njobs, const std::function<void(int64_t)>& fn) {
+  run_jobs(njobs, workers_for(njobs), [&](int64_t j, int) { fn(j); });
+}
+}  // namespace mobilemoe_api
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "mobilemoe native INT4 (mobilemoe-int4-g32) CPU kernels";
+  m.def("available_isas", &available_isas, "ISAs this CPU can run, best first");
+  m.def("active_isa", &active_isa, "ISA the next call will use (set_isa > MOBILEMOE_KERNEL_ISA > best)");
+  m.def("set_isa", &set_isa, "force an ISA ('' or 'auto' = env var / best)");
+  m.def("linear_forward", &linear_forward, "y[M,N] = x[M,K] @ W.T on a packed linear weight");
+  m.def("expert_forward", &expert_forward, "y[M,out] = x[M,in] @ W[e] on packed stacked experts");
+  m.def("moe_forward", &moe_forward, "fused MoE layer (routed experts + optional shared SwiGLU)");
+  register_native_model(m);
+}

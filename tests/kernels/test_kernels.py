@@ -1,0 +1,333 @@
+"""The native INT4 kernels equal their dequantize-then-matmul references, on every ISA path.
+
+Two kinds of checks:
+* exact-up-to-fp32-order: the kernel vs a reference fed the SAME int8-rounded activations
+  (Q8_0 emulated in PyTorch below). Integer dots are exact, so only fp32 summation order differs:
+  tolerance ~1e-5 relative. This pins the packed layout, nibble order, scale handling, bias trick.
+* end-to-end: kernel vs the plain fp32 reference. The only approximation is rounding activations
+  to int8 per block of 32 (step = max|a|/127, error <= step/2, rms ~0.5% of a Gaussian block's
+  values), which gives ~0.5% relative output error per matmul (~1% after two chained matmuls of
+  the MoE). Bounds used: 1.5% per matmul, 2.5% for the MoE layer.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mobilemoe import kernels as K
+from mobilemoe.kernels import reference as R
+from mobilemoe.quant import dequantize, quantize
+
+pytestmark = pytest.mark.skipif(not K.is_available(), reason="mobilemoe._C not built")
+
+ALL_ISAS = ["avx512", "avx2", "portable"]
+
+
+@pytest.fixture(params=ALL_ISAS)
+def isa(request):
+    if request.param not in K.available_isas():
+        pytest.skip(f"CPU lacks {request.param}")
+    K.set_isa(request.param)
+    yield request.param
+    K.set_isa(None)
+
+
+def q8_roundtrip(a: torch.Tensor) -> torch.Tensor:
+    """Emulate the kernels' activation quantization: int8 per block of 32, scale max|a|/127."""
+    b = a.float().unflatten(-1, (-1, 32))
+    amax = b.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = (b * inv).round().clamp(-127, 127)
+    return (q * (amax / 127.0)).flatten(-2)
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+def make_linear(n: int, k: int, seed: int, zero_groups: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    if zero_groups:
+        w[0, :32] = 0  # a zero group: scale 0, codes 0
+        w[n // 2, k - 32:] = 0
+    q, s = quantize(w)
+    return q, s
+
+
+LINEAR_SHAPES = [(32, 32, 1), (96, 160, 1), (100, 96, 5), (160, 288, 67), (48, 1056, 3), (2000, 64, 2)]
+
+
+@pytest.mark.parametrize("n,k,m", LINEAR_SHAPES)
+def test_linear_matches_reference(isa, n, k, m):
+    q, s = make_linear(n, k, seed=n * 7 + k + m)
+    assert (s < 0).any() and (s > 0).any() and (s == 0).any()  # Q4_0 rule: signed scales; zero groups
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    x[0, :32] = 0  # a zero activation block
+    x[-1, -32:] = 0
+    pl = K.PackedLinear.from_quantized(q, s)
+    y = pl(x)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    exact = R.linear_ref(q, s, q8_roundtrip(x))
+    torch.testing.assert_close(y, exact, rtol=1e-4, atol=1e-5 * exact.abs().max().item())
+    assert rel_err(y, R.linear_ref(q, s, x)) < 0.015
+
+
+def test_linear_random_codes_negative_scales(isa):
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(0, 256, (64, 96 // 2), dtype=torch.uint8, generator=g)  # every code -8..7
+    s = (torch.randn(64, 3, generator=g) * 0.1).to(torch.float16)
+    s[5] = 0
+    x = torch.randn(4, 96, generator=g) * 100
+    y = K.PackedLinear.from_quantized(q, s)(x)
+    exact = R.linear_ref(q, s, q8_roundtrip(x))
+    torch.testing.assert_close(y, exact, rtol=1e-4, atol=1e-5 * exact.abs().max().item())
+
+
+def test_linear_dtypes_and_batch_shape(isa):
+    q, s = make_linear(64, 128, seed=1)
+    pl = K.PackedLinear.from_quantized(q, s)
+    x = torch.randn(2, 3, 128)
+    y = pl(x.to(torch.bfloat16))
+    assert y.shape == (2, 3, 64) and y.dtype == torch.bfloat16
+    assert rel_err(y, R.linear_ref(q, s, x)) < 0.02
+    assert pl(torch.randn(0, 128)).shape == (0, 64)
+
+
+def expert_q8_reference(q: torch.Tensor, s: torch.Tensor, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Emulate the expert path: fold scale[i, g] into x, int8-round per 32 along i, dot with codes."""
+    from mobilemoe.quant import unpack_int4
+    codes = unpack_int4(q[e]).float()  # [in, out]
+    sc = s[e].float()  # [in, G]
+    outs = []
+    for gidx in range(sc.shape[1]):
+        a = q8_roundtrip(x.float() * sc[:, gidx])
+        outs.append(a @ codes[:, 32 * gidx: 32 * (gidx + 1)])
+    return torch.cat(outs, dim=-1)
+
+
+@pytest.mark.parametrize("m,cin", [(1, 160), (5, 544), (67, 160)])
+def test_experts_match_reference(isa, m, cin):
+    E, cout = 3, 96  # cin=544: 17 blocks = one batched group of 16 + a tail block
+    g = torch.Generator().manual_seed(m)
+    w = torch.randn(E, cin, cout, generator=g)
+    w[1, 3, :32] = 0  # zero group
+    q, s = quantize(w)
+    assert (s < 0).any() and (s == 0).any()
+    pe = K.PackedExperts.from_quantized(q, s)
+    x = torch.randn(m, cin, generator=g)
+    x[0, 32:64] = 0  # a zero activation block
+    for e in range(E):
+        y = pe(x, e)
+        exact = expert_q8_reference(q, s, e, x)
+        torch.testing.assert_close(y, exact, rtol=1e-4, atol=1e-5 * exact.abs().max().item())
+        assert rel_err(y, R.expert_ref(q, s, e, x)) < 0.015
+
+
+def make_moe(E: int, H: int, I: int, S: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    gu = quantize(torch.randn(E, H, 2 * I, generator=g) * 0.05)
+    dn = quantize(torch.randn(E, I, H, generator=g) * 0.05)
+    shared = tuple(quantize(torch.randn(*shape, generator=g) * 0.05) for shape in [(S, H), (S, H), (H, S)]) if S else None
+    return gu, dn, shared
+
+
+@pytest.mark.parametrize("T", [1, 67])
+@pytest.mark.parametrize("with_shared", [True, False])
+def test_moe_matches_reference(isa, T, with_shared):
+    E, H, I, S, k = 6, 160, 96, 64, 2
+    gu, dn, shared = make_moe(E, H, I, S if with_shared else 0, seed=T)
+    moe = K.PackedMoE.from_quantized(gu, dn, shared)
+    g = torch.Generator().manual_seed(T + 1)
+    x = torch.randn(T, H, generator=g)
+    # top-k over experts 0..E-2: expert E-1 is chosen by no token
+    ids = torch.stack([torch.randperm(E - 1, generator=g)[:k] for _ in range(T)])
+    w = torch.rand(T, k, generator=g)
+    y = moe(x, ids, w)
+    ref = R.moe_ref(x, ids, w, gu, dn, shared)
+    assert y.shape == (T, H)
+    assert rel_err(y, ref) < 0.025
+    # per token too (no token may be badly off)
+    per_tok = (y - ref).norm(dim=-1) / ref.norm(dim=-1)
+    assert per_tok.max() < 0.05
+    # the fused op agrees with composing the single-expert kernels
+    composed = torch.zeros_like(x)
+    pe_gu, pe_dn = moe.gate_up, moe.down
+    for t in range(T):
+        for j in range(k):
+            gg, uu = pe_gu(x[t: t + 1], int(ids[t, j])).chunk(2, dim=-1)
+            composed[t] += w[t, j] * pe_dn(F.silu(gg) * uu, int(ids[t, j]))[0]
+    if shared is not None:
+        composed += moe.shared(x)
+    torch.testing.assert_close(y, composed, rtol=1e-3, atol=1e-3 * composed.abs().max().item())
+
+
+def test_moe_decode_k1_and_batch_shape(isa):
+    E, H, I, S = 4, 64, 32, 32
+    gu, dn, shared = make_moe(E, H, I, S, seed=5)
+    moe = K.PackedMoE.from_quantized(gu, dn, shared)
+    x = torch.randn(1, 1, H)
+    ids = torch.tensor([[[2]]])
+    w = torch.tensor([[[0.7]]])
+    y = moe(x, ids, w)
+    assert y.shape == (1, 1, H)
+    ref = R.moe_ref(x[0], ids[0], w[0], gu, dn, shared)
+    assert rel_err(y[0], ref) < 0.025
+
+
+def test_isas_agree_with_each_other():
+    isas = K.available_isas()
+    E, H, I, S, T, k = 5, 96, 64, 64, 9, 2
+    gu, dn, shared = make_moe(E, H, I, S, seed=9)
+    moe = K.PackedMoE.from_quantized(gu, dn, shared)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, H, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    w = torch.rand(T, k, generator=g)
+    q, s = make_linear(80, 96, seed=2)
+    pl = K.PackedLinear.from_quantized(q, s)
+    outs = {}
+    try:
+        for name in isas:
+            K.set_isa(name)
+            outs[name] = (moe(x, ids, w), pl(x))
+    finally:
+        K.set_isa(None)
+    base = outs["portable"]
+    for name, (ym, yl) in outs.items():
+        torch.testing.assert_close(yl, base[1], rtol=1e-4, atol=1e-5 * base[1].abs().max().item())
+        torch.testing.assert_close(ym, base[0], rtol=1e-3, atol=1e-3 * base[0].abs().max().item())
+
+
+def test_env_var_forces_isa(monkeypatch):
+    K.set_isa(None)
+    monkeypatch.setenv("MOBILEMOE_KERNEL_ISA", "portable")
+    assert K.active_isa() == "portable"
+    q, s = make_linear(32, 64, seed=4)
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(K.PackedLinear.from_quantized(q, s)(x), R.linear_ref(q, s, q8_roundtrip(x)),
+                               rtol=1e-4, atol=1e-4)
+    monkeypatch.setenv("MOBILEMOE_KERNEL_ISA", "nonsense")
+    with pytest.raises(RuntimeError, match="unknown ISA"):
+        K.PackedLinear.from_quantized(q, s)(x)
+    monkeypatch.delenv("MOBILEMOE_KERNEL_ISA")
+    assert K.active_isa() == K.available_isas()[0]
+
+
+def test_env_var_in_fresh_process():
+    code = ("from mobilemoe import kernels as K; import torch; from mobilemoe.quant import quantize;"
+            "q,s=quantize(torch.randn(32,64)); K.PackedLinear.from_quantized(q,s)(torch.randn(1,64));"
+            "print(K.active_isa())")
+    env = dict(os.environ, MOBILEMOE_KERNEL_ISA="avx2" if "avx2" in K.available_isas() else "portable")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == env["MOBILEMOE_KERNEL_ISA"]
+
+
+def test_packing_is_lossless():
+    """The runtime layout holds exactly the original codes and scales (decode it back in PyTorch)."""
+    from mobilemoe.kernels.pack import linear_tile_stride
+    q, s = make_linear(40, 96, seed=6)
+    packed = K.pack_linear(q, s)
+    n, k = 40, 96
+    nkb = k // 32
+    assert packed.shape == (3, linear_tile_stride(k)) and packed.shape[1] % 64 == 0
+    codes = packed[:, : nkb * 256].reshape(3, nkb, 4, 16, 4)  # tile, block, chunk, row, kk
+    lo = (codes & 0xF).to(torch.int16) - 8
+    hi = (codes >> 4).to(torch.int16) - 8
+    both = torch.stack([lo, hi], dim=3)  # tile, block, chunk, half, row, kk
+    full = both.permute(0, 4, 1, 2, 3, 5).reshape(48, k)[:n]
+    scales = packed[:, nkb * 256: nkb * 256 + nkb * 32].contiguous().view(torch.float16).reshape(3, nkb, 16)
+    scales = scales.transpose(1, 2).reshape(48, nkb)[:n]
+    deq = (full.float().unflatten(-1, (-1, 32)) * scales.float().unsqueeze(-1)).flatten(-2)
+    assert torch.equal(deq, dequantize(q, s))
+
+
+def test_bad_inputs_raise():
+    q, s = make_linear(32, 64, seed=7)
+    pl = K.PackedLinear.from_quantized(q, s)
+    with pytest.raises(ValueError):
+        pl(torch.randn(2, 32))
+    with pytest.raises(ValueError):
+        K.PackedLinear.from_quantized(q[:, :15], s)  # in = 30, not a multiple of 32
+    E, H, I = 2, 64, 32
+    gu, dn, _ = make_moe(E, H, I, 0, seed=1)
+    moe = K.PackedMoE.from_quantized(gu, dn)
+    with pytest.raises(RuntimeError, match="out of range"):
+        moe(torch.randn(1, H), torch.tensor([[E]]), torch.ones(1, 1))
+    with pytest.raises(RuntimeError, match="support|unknown"):
+        K.set_isa("sse9")
+
+
+def test_unavailable_extension_raises_clearly(monkeypatch):
+    q, s = make_linear(32, 64, seed=8)
+    pl = K.PackedLinear.from_quantized(q, s)
+    monkeypatch.setattr(K, "_C", None)
+    monkeypatch.setattr(K, "_IMPORT_ERROR", ImportError("simulated"))
+    assert not K.is_available()
+    with pytest.raises(K.KernelsUnavailableError, match="not built"):
+        pl(torch.randn(1, 64))
+
+
+@pytest.mark.parametrize("threading", ["pool", "omp"])
+def test_threading_is_deterministic(monkeypatch, threading):
+    """Large enough calls go parallel; every output is computed by exactly one job, so any thread
+    count / threading mode gives bitwise the same result."""
+    if threading == "omp":  # at::parallel_for (OpenMP)
+        monkeypatch.setenv("MOBILEMOE_KERNEL_THREADING", "omp")
+    else:  # default: the kernels' job pool
+        monkeypatch.delenv("MOBILEMOE_KERNEL_THREADING", raising=False)
+    q, s = make_linear(2048, 1024, seed=11, zero_groups=False)  # > 1 MB of work: parallel path
+    pl = K.PackedLinear.from_quantized(q, s)
+    E, H, I, S, T, k = 8, 512, 256, 512, 40, 2
+    gu, dn, shared = make_moe(E, H, I, S, seed=12)
+    moe = K.PackedMoE.from_quantized(gu, dn, shared)
+    g = torch.Generator().manual_seed(13)
+    xs = [torch.randn(m, 1024, generator=g) for m in (1, 8, 150)]
+    xm = [torch.randn(t, H, generator=g) for t in (1, T)]
+    ids = [torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(x.shape[0])]) for x in xm]
+    ws = [torch.rand(x.shape[0], k, generator=g) for x in xm]
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref_l = [pl(x) for x in xs]
+        ref_m = [moe(x, i, w) for x, i, w in zip(xm, ids, ws)]
+        ref_e = moe.gate_up(xm[1], 3)
+        torch.set_num_threads(2)
+        for _ in range(20):
+            for x, r in zip(xs, ref_l):
+                assert torch.equal(pl(x), r)
+            for x, i, w, r in zip(xm, ids, ws, ref_m):
+                assert torch.equal(moe(x, i, w), r)
+            assert torch.equal(moe.gate_up(xm[1], 3), ref_e)
+    finally:
+        torch.set_num_threads(old)
+    assert rel_err(ref_l[2], R.linear_ref(q, s, xs[2])) < 0.015
+
+
+FORK_SCRIPT = """
+import os, torch
+torch.set_num_threads(2)
+from mobilemoe import kernels as K
+pl = K.PackedLinear.from_quantized(torch.randint(0, 256, (2048, 512), dtype=torch.uint8),
+                                   torch.rand(2048, 32).half())
+x = torch.randn(8, 1024)
+y = pl(x)  # the parent starts the job pool's helper thread
+pid = os.fork()
+if pid == 0:  # only our kernels in the child (GNU OpenMP itself is not fork-safe)
+    os._exit(0 if torch.equal(pl(x), y) and torch.equal(pl(x), y) else 3)
+_, status = os.waitpid(pid, 0)
+raise SystemExit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_job_pool_survives_fork():
+    """A fork()ed child gets a fresh job pool (the parent's helper threads do not exist there)."""
+    env = {k: v for k, v in os.environ.items() if k != "MOBILEMOE_KERNEL_THREADING"}
+    out = subprocess.run([sys.executable, "-c", FORK_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
