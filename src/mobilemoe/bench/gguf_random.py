@@ -25,7 +25,7 @@ def _gguf():
     try:
         import gguf
     except ImportError:
-        raise MobileMoEError("the `gguf` package is not installed: run `make bench-deps`") from None
+        raise MobileMoEError("the `gguf` package is not installed: install it: pip install gguf==0.19.0 (make setup does)") from None
     return gguf
 
 

@@ -23,7 +23,7 @@ def _lib():
     try:
         import llama_cpp
     except ImportError:
-        raise MobileMoEError("llama-cpp-python is not installed: run `make bench-deps` "
+        raise MobileMoEError("llama-cpp-python is not installed: pip install llama-cpp-python==0.3.36 (make setup does) "
                              "(builds llama.cpp from source, ~5 min on 2 cores)") from None
     if _QUIET_LOG is None:
         _QUIET_LOG = llama_cpp.llama_log_callback(lambda level, text, data: None)

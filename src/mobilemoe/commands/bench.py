@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--backend", default="auto", choices=["auto", "native", "reference"])
     p.add_argument("--with-llama-cpp", action="store_true",
-                   help="also time llama.cpp on Q4_0 GGUFs of the same shapes (needs `make bench-deps`)")
+                   help="also time llama.cpp on Q4_0 GGUFs of the same shapes (installed by make setup)")
     p.add_argument("--cache-dir", default="runs/bench-models", help="where random models are written once")
     p.add_argument("--plot", default=None, help="write the figure to this PNG")
     p.add_argument("--json", action="store_true", help="print the full JSON report")

@@ -80,7 +80,6 @@ def run(args: argparse.Namespace) -> int:
     final = Path(reports[-1].final_dir)
     int4 = out / "int4"
     quantize_checkpoint(final, int4, overwrite=True)
-    shutil.copyfile(final / "tokenizer.json", int4 / "tokenizer.json")
 
     engine = Engine.load(int4)
     cfg = engine.config

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -64,6 +65,9 @@ class QuantizeReport:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "ratio": round(self.ratio, 4)}
+
+
+CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
 def int4_config(cfg: MobileMoEConfig) -> MobileMoEConfig:
@@ -180,6 +184,9 @@ def quantize_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike,
             params += t.numel()
             del t
     save_tensors(tensors, qcfg, out)
+    for extra in CARRIED_FILES:  # the tokenizer travels with the weights
+        if (src / extra).exists():
+            shutil.copyfile(src / extra, out / extra)
     return QuantizeReport(src=str(src), out=str(out), format=qcfg.quantization["format"],
                           bytes_before=_safetensors_bytes(src), bytes_after=_safetensors_bytes(out),
                           tensors_before=len(shapes), tensors_after=len(expected_tensors(qcfg)),

@@ -1,0 +1,147 @@
+"""The training issue's measurements on the embedded default corpus (the Python standard library).
+
+1. Pre-train a tiny MoE (recipes/tiny.yaml, pretrain stage) and a dense model with the same active
+   parameters on the same tokens; record validation curves next to the corpus's unigram baseline.
+2. INT4: validation loss of the float model, of its plain post-training INT4 quantization (PTQ) and
+   of a short quantization-aware fine-tune (QAT) converted to INT4.
+3. SFT on GSM8K train (answers-only loss), then generate an answer to a GSM8K test question.
+
+Prints JSON and writes a PNG of the curves. Usage:
+    python benchmarks/train_tiny.py --out runs/train_tiny [--plot runs/train_tiny/curves.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from mobilemoe.train.recipe import recipe_from_dict
+from mobilemoe.train.run import run_recipe
+
+GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"
+
+
+def tiny_recipe(name: str, preset: str, stages: list[dict], tokenizer: str | None = None) -> dict:
+    base = yaml.safe_load(Path("recipes/tiny.yaml").read_text())
+    base["name"] = name
+    if tokenizer is not None:  # reuse the pre-trained model's tokenizer
+        base["data"]["tokenizer"] = tokenizer
+    base["model"] = {"preset": preset, "overrides": {"vocab_size": 512}}
+    base["stages"] = stages
+    return base
+
+
+def pretrain_stage(steps: int) -> dict:
+    base = yaml.safe_load(Path("recipes/tiny.yaml").read_text())
+    stage = copy.deepcopy(base["stages"][0])
+    stage.update(max_steps=steps, eval_every=25, eval_steps=8, checkpoint_every=100)
+    return stage
+
+
+def evals(stage_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if "val_loss" in r]
+
+
+def val_loss(ckpt: Path, ids: list[int], window: int = 256) -> float:
+    from mobilemoe.eval.lm import load_eval_lm
+    from mobilemoe.eval.perplexity import perplexity_ids
+
+    lm = load_eval_lm(ckpt, max_length=window)
+    nll, count, _, _ = perplexity_ids(lm, ids, window=window, stride=window)
+    return nll / count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/train_tiny")
+    parser.add_argument("--steps", type=int, default=300, help="pre-training steps per model")
+    parser.add_argument("--qat-steps", type=int, default=100)
+    parser.add_argument("--sft-steps", type=int, default=200)
+    parser.add_argument("--plot", default=None)
+    args = parser.parse_args()
+    out = Path(args.out)
+    result: dict = {}
+
+    # 1. MoE vs dense pre-training, same data, tokens and seed.
+    for label, preset in (("moe", "tiny-moe"), ("dense", "tiny-dense")):
+        recipe = recipe_from_dict(tiny_recipe(f"tiny-{label}", preset, [pretrain_stage(args.steps)]))
+        t0 = time.perf_counter()
+        report = run_recipe(recipe, out / label, resume=True)[0]
+        result[label] = {"preset": preset, "final_val_loss": report.val_loss, "tokens": report.tokens,
+                         "train_seconds": report.seconds, "wall_seconds": time.perf_counter() - t0,
+                         "curve": [(r["step"], r["val_loss"]) for r in evals(out / label / "pretrain")]}
+    from mobilemoe.accounting import active_params
+    from mobilemoe.commands.demo import _shard_tokens, unigram_loss
+    from mobilemoe.config import preset as get_preset
+
+    for label in ("moe", "dense"):
+        result[label]["active_params"] = round(active_params(get_preset(result[label]["preset"], vocab_size=512)))
+    val = _shard_tokens(out / "moe", "val")
+    result["unigram_val_loss"] = unigram_loss(_shard_tokens(out / "moe", "train"), val, 512)
+
+    # 2. QAT vs PTQ (INT4) on the same corpus.
+    from mobilemoe.quant import quantize_checkpoint
+
+    moe_final = out / "moe" / "pretrain" / "final"
+    qat_stage = {**pretrain_stage(args.qat_steps), "name": "qat", "lr": 3.0e-4, "min_lr": 3.0e-5, "warmup_steps": 0,
+                 "export_int4": True, "eval_every": 50}
+    recipe = recipe_from_dict(tiny_recipe("tiny-qat", "tiny-moe", [qat_stage]))
+    run_recipe(recipe, out / "qat", init=moe_final, resume=True)
+    quantize_checkpoint(moe_final, out / "ptq-int4", overwrite=True)
+    ids = val[:16384].tolist()
+    result["int4"] = {"float_val_loss": val_loss(moe_final, ids), "ptq_int4_val_loss": val_loss(out / "ptq-int4", ids),
+                      "qat_int4_val_loss": val_loss(out / "qat" / "qat" / "final-int4", ids)}
+    gap = result["int4"]["ptq_int4_val_loss"] - result["int4"]["float_val_loss"]
+    result["int4"]["ptq_gap"] = gap
+    result["int4"]["qat_gap"] = result["int4"]["qat_int4_val_loss"] - result["int4"]["float_val_loss"]
+
+    # 3. SFT on GSM8K, then answer a test question with the chat template.
+    tokenizer = str(out / "moe" / "tokenizer.json")
+    sft_stage = {**pretrain_stage(args.sft_steps), "name": "sft", "seq_len": 512, "micro_batch_size": 4,
+                 "lr": 1.0e-3, "min_lr": 1.0e-4, "warmup_steps": 20, "loss_on": "answers", "eval_every": 50,
+                 "data": {"source": str(GSM8K / "train.jsonl"), "format": "gsm8k", "tokenizer": tokenizer,
+                          "val_fraction": 0.02}}
+    recipe = recipe_from_dict(tiny_recipe("tiny-sft", "tiny-moe", [sft_stage], tokenizer=tokenizer))
+    sft = run_recipe(recipe, out / "sft", init=moe_final, resume=True)[0]
+    from mobilemoe.data.chat import encode_prompt
+    from mobilemoe.data.tokenizer import END
+    from mobilemoe.runtime import Engine
+
+    question = json.loads((GSM8K / "test.jsonl").read_text().splitlines()[0])["question"]
+    engine = Engine.load(sft.final_dir, backend="reference")
+    prompt = encode_prompt(engine.tokenizer, [{"role": "user", "content": question}])
+    gen = engine.generate(prompt, 200, stop_ids=[engine.tokenizer.require_id(END)])
+    answer = engine.tokenizer.decode(gen.ids)
+    result["sft"] = {"val_loss": sft.val_loss, "question": question, "answer": answer,
+                     "has_final_answer_marker": "####" in answer, "stopped_by": gen.stopped_by}
+    print(json.dumps(result, indent=2))
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, color in (("moe", "tab:blue"), ("dense", "tab:red")):
+            steps, losses = zip(*result[label]["curve"])
+            ax.plot(steps, losses, marker="o", color=color,
+                    label=f"{result[label]['preset']} ({result[label]['active_params'] / 1e3:.0f}K active)")
+        ax.axhline(result["unigram_val_loss"], color="gray", ls="--", label="unigram baseline")
+        ax.set_xlabel("step (8 x 128 tokens)")
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.set_title("Tiny MoE vs dense on the Python stdlib")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
