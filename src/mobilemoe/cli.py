@@ -24,6 +24,8 @@ COMMAND_MODULES = [
     "eval",
     "plan",
     "sweep",
+    "remoe",
+    "export",  # also registers `import` (mobilemoe/commands/import_.py)
 ]
 
 

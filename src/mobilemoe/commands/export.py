@@ -1,0 +1,94 @@
+"""``mobilemoe export {hf,gguf,executorch,patch-gguf-routers}``: checkpoints for other runtimes."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export", help="export a checkpoint to Hugging Face, GGUF (llama.cpp) or ExecuTorch",
+        description="Export a mobilemoe checkpoint directory to another runtime. Checkpoints using a "
+                    "feature the target cannot represent are refused with the feature named.")
+    sub = p.add_subparsers(dest="target", metavar="TARGET", required=True)
+
+    hf = sub.add_parser("hf", help="a transformers directory (trust_remote_code)",
+                        description="Write a directory loadable with transformers' AutoModelForCausalLM."
+                                    "from_pretrained(OUT, trust_remote_code=True). INT4 checkpoints are "
+                                    "decoded exactly to float32.")
+    hf.add_argument("ckpt", metavar="CKPT")
+    hf.add_argument("out", metavar="OUT")
+    hf.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="cast float tensors (routers stay fp32); default: keep (fp32 for INT4)")
+    hf.set_defaults(func=_hf)
+
+    gg = sub.add_parser("gguf", help="a GGUF for llama.cpp (architecture exaone-moe)",
+                        description="Write a GGUF for llama.cpp's exaone-moe architecture (sigmoid router, "
+                                    "selection bias, normalised top-k, routed scale, shared expert, QK-norm, "
+                                    "rope factors). q4_0 from an INT4 checkpoint copies the attention / "
+                                    "shared-expert / embedding codes exactly; routed experts are re-quantized.")
+    gg.add_argument("ckpt", metavar="CKPT")
+    gg.add_argument("out", metavar="OUT.gguf")
+    gg.add_argument("--type", choices=["f32", "f16", "q8_0", "q4_0"], default="f16")
+    gg.set_defaults(func=_gguf)
+
+    et = sub.add_parser("executorch", help="an ExecuTorch .pte (XNNPACK, 8da4w)",
+                        description="torch.export -> XNNPACK partitioner -> .pte, static KV cache, dense "
+                                    "masked MoE dispatch, torchao 8da4w quantization by default.")
+    et.add_argument("ckpt", metavar="CKPT")
+    et.add_argument("out", metavar="OUT.pte")
+    et.add_argument("--max-seq-len", type=int, default=512, help="static KV cache length (default 512)")
+    et.add_argument("--quantize", choices=["8da4w", "none"], default="8da4w")
+    et.set_defaults(func=_executorch)
+
+    pr = sub.add_parser("patch-gguf-routers", help="replace the router tensors of a GGUF (ReMoE output)",
+                        description="Copy IN.gguf to OUT.gguf with its router weights replaced by those in a "
+                                    "router safetensors file (model.layers.N.feed_forward.router.weight). "
+                                    "No other byte changes.")
+    pr.add_argument("gguf_in", metavar="IN.gguf")
+    pr.add_argument("routers", metavar="ROUTERS.safetensors")
+    pr.add_argument("out", metavar="OUT.gguf")
+    pr.set_defaults(func=_patch)
+
+    # `mobilemoe import` lives in import_.py (a module cannot be named `import`); registered here so
+    # COMMAND_MODULES keeps one entry per module whose name is its command.
+    from mobilemoe.commands import import_
+
+    import_.register(subparsers)
+
+
+def _hf(args: argparse.Namespace) -> int:
+    import torch
+
+    from mobilemoe.export.hf import export_hf
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    out = export_hf(args.ckpt, args.out, dtype=dtype)
+    print(f"exported {args.ckpt} -> {out} (transformers, trust_remote_code)")
+    return 0
+
+
+def _gguf(args: argparse.Namespace) -> int:
+    from mobilemoe.export.gguf import export_gguf
+
+    r = export_gguf(args.ckpt, args.out, type=args.type)
+    print(f"exported {args.ckpt} -> {r.out} (llama.cpp {r.arch}, {r.type}, {r.tensors} tensors, "
+          f"tokenizer {r.tokenizer}; exact Q4_0 tensors {len(r.exact_q4_0)}, re-quantized {len(r.requantized)})")
+    return 0
+
+
+def _executorch(args: argparse.Namespace) -> int:
+    from mobilemoe.export.executorch import export_executorch
+
+    out = export_executorch(args.ckpt, args.out, max_seq_len=args.max_seq_len,
+                            quantize=None if args.quantize == "none" else args.quantize)
+    print(f"exported {args.ckpt} -> {out} (ExecuTorch XNNPACK, {args.quantize}, max_seq_len {args.max_seq_len})")
+    return 0
+
+
+def _patch(args: argparse.Namespace) -> int:
+    from mobilemoe.export.gguf import patch_routers
+
+    names = patch_routers(args.gguf_in, args.routers, args.out)
+    print(f"patched {len(names)} router tensors: {args.gguf_in} -> {args.out}")
+    return 0

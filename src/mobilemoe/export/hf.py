@@ -1,0 +1,133 @@
+"""MobileMoE <-> Hugging Face directories.
+
+:func:`export_hf` writes a directory that ``transformers.AutoModelForCausalLM.from_pretrained(dir,
+trust_remote_code=True)`` loads with no mobilemoe installed:
+
+* ``config.json``: the MobileMoE contract (:meth:`mobilemoe.config.MobileMoEConfig.to_dict`) plus
+  ``auto_map`` pointing at the two code files below;
+* ``model.safetensors``: the float tensors under the checkpoint names (which equal the module names of
+  the remote code). INT4 checkpoints are decoded exactly (``code * scale``) and written as float32
+  (bfloat16 would round the decoded values), so the ``quantization`` block is dropped;
+* ``configuration_mobilemoe.py`` + ``modeling_mobilemoe.py`` (self-contained, copied from
+  ``mobilemoe/export/hf_remote``);
+* ``generation_config.json``, and ``tokenizer.json`` (+ ``tokenizer_config.json``) when the
+  checkpoint has one.
+
+:func:`import_hf` reads such a directory -- or one in the released ``facebook/MobileMoE-*`` layout
+(``model_type: mobilemoe``, INT4 ``qweight``/``weight_scale`` names, or BF16 names) -- into a
+mobilemoe checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from mobilemoe.config import MobileMoEConfig
+from mobilemoe.export.common import ExportError
+
+REMOTE_DIR = Path(__file__).parent / "hf_remote"
+REMOTE_FILES = ("configuration_mobilemoe.py", "modeling_mobilemoe.py")
+AUTO_MAP = {"AutoConfig": "configuration_mobilemoe.MobileMoEConfig",
+            "AutoModelForCausalLM": "modeling_mobilemoe.MobileMoEForCausalLM"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# keys written by transformers or this exporter that are not part of the MobileMoE contract
+_HF_ONLY_KEYS = ("auto_map", "transformers_version", "mobilemoe_rope_scaling", "dtype", "output_attentions",
+                 "output_hidden_states", "return_dict", "use_cache")
+
+
+def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Write the HF directory ``out`` from a mobilemoe checkpoint directory. ``dtype`` casts floating
+    tensors (routers stay fp32); default: the checkpoint's own dtype, fp32 for INT4 checkpoints."""
+    from safetensors.torch import save_file
+
+    from mobilemoe.checkpoint import dequantized_state_dict, load_tensors
+    from mobilemoe.layout import tensor_specs
+    from mobilemoe.utils import atomic_path, atomic_write_text
+
+    ckpt, out = Path(ckpt), Path(out)
+    cfg, tensors = load_tensors(ckpt)
+    state = dequantized_state_dict(cfg, tensors, dtype=torch.float32)
+    if dtype is None and cfg.is_quantized:
+        dtype = torch.float32
+    routers = {s.name for s in tensor_specs(cfg) if s.role == "router"}
+    if dtype is not None:
+        state = {k: (v if k in routers or not v.is_floating_point() else v.to(dtype)) for k, v in state.items()}
+    first = state["model.embed_tokens.weight"].dtype
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+    hf_cfg = cfg.replace(quantization=None, torch_dtype=str(first).removeprefix("torch.")) if cfg.is_quantized \
+        else cfg.replace(torch_dtype=str(first).removeprefix("torch."))
+    data = hf_cfg.to_dict()
+    data["auto_map"] = dict(AUTO_MAP)
+    atomic_write_text(out / "config.json", json.dumps(data, indent=2) + "\n")
+    for name in REMOTE_FILES:
+        shutil.copyfile(REMOTE_DIR / name, out / name)
+    gen = {"_from_model_config": True}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(cfg, key) is not None:
+            gen[key] = getattr(cfg, key)
+    atomic_write_text(out / "generation_config.json", json.dumps(gen, indent=2) + "\n")
+    for name in TOKENIZER_FILES:
+        if (ckpt / name).exists():
+            shutil.copyfile(ckpt / name, out / name)
+    if (ckpt / "tokenizer.json").exists() and not (ckpt / "tokenizer_config.json").exists():
+        atomic_write_text(out / "tokenizer_config.json", json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_position_embeddings},
+            indent=2) + "\n")
+    return out
+
+
+def _hf_files(src: Path) -> dict[str, Path]:
+    index = src / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: src / v for k, v in weight_map.items()}
+    single = src / "model.safetensors"
+    if not single.exists():
+        raise ExportError(f"{src}: no model.safetensors or model.safetensors.index.json")
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def import_hf(src: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Read a Hugging Face MobileMoE directory (ours, or the released layout) into a mobilemoe
+    checkpoint directory ``out`` (INT4 stays INT4, float stays float). Validated on the way."""
+    from safetensors import safe_open
+
+    from mobilemoe.checkpoint import save_tensors
+
+    src, out = Path(src), Path(out)
+    if not (src / "config.json").exists():
+        raise ExportError(f"{src}: no config.json")
+    data = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    if data.get("model_type") != "mobilemoe":
+        raise ExportError(f"{src}: model_type {data.get('model_type')!r} is not 'mobilemoe'")
+    if data.get("rope_scaling") is None and data.get("mobilemoe_rope_scaling"):
+        data["rope_scaling"] = data["mobilemoe_rope_scaling"]
+    for key in _HF_ONLY_KEYS:
+        data.pop(key, None)
+    cfg = MobileMoEConfig.from_dict(data, source=str(src / "config.json"))
+    files = _hf_files(src)
+    if cfg.tie_word_embeddings:
+        files.pop("lm_head.weight", None)
+    tensors: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, path in files.items():
+        by_file.setdefault(path, []).append(name)
+    for path, names in by_file.items():
+        with safe_open(str(path), framework="pt") as f:
+            for name in names:
+                tensors[name] = f.get_tensor(name)
+    save_tensors(tensors, cfg, out)
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copyfile(src / name, out / name)
+    return out

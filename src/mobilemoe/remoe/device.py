@@ -1,0 +1,246 @@
+"""Device model (storage bandwidth + latency -> projected TPOT) and a real on-disk expert store.
+
+Projected time per output token with experts offloaded to storage::
+
+    TPOT = compute_ms + sum over MoE layers of [ latency (if the layer misses at all) + misses_l * expert_bytes / bandwidth ]
+
+i.e. each layer issues its misses together (one latency, then the bytes stream), layers in sequence.
+The storage profiles are nominal datasheet-class figures (random-read latency, sustained read
+bandwidth); ``measure_local_disk`` measures this machine with ``os.pread`` after dropping the file
+from the page cache (``posix_fadvise DONTNEED``, best effort).
+
+:class:`ExpertStore` is the storage half of an offloading runtime: one file with each expert's packed
+INT4 bytes contiguous (codes + scales of gate_up and down), read with ``os.pread`` into a RAM cache of
+at most C experts per layer and a byte budget, counting real read time and bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mobilemoe.errors import MobileMoEError
+
+
+@dataclass(frozen=True)
+class StorageProfile:
+    name: str
+    bandwidth_gbps: float  # sustained read, GB/s (1e9 bytes)
+    latency_us: float  # per batched random read
+    note: str = ""
+
+
+PROFILES: dict[str, StorageProfile] = {
+    "phone-ufs4": StorageProfile("phone-ufs4", 3.5, 120.0, "UFS 4.0 phone flash (nominal)"),
+    "phone-ufs3": StorageProfile("phone-ufs3", 1.8, 180.0, "UFS 3.1 phone flash (nominal)"),
+    "jetson-nvme": StorageProfile("jetson-nvme", 2.5, 90.0, "Jetson Orin + PCIe Gen4 NVMe (nominal)"),
+}
+
+
+def projected_tpot_ms(misses_per_layer_token: np.ndarray | list[float], expert_bytes: int,
+                      profile: StorageProfile, compute_ms: float = 0.0,
+                      miss_prob_per_layer: list[float] | None = None) -> float:
+    """TPOT from mean misses per token of each layer. ``miss_prob_per_layer``: fraction of tokens at
+    which that layer misses at all (pays the latency); defaults to min(1, mean misses)."""
+    m = np.asarray(misses_per_layer_token, dtype=float)
+    p = np.minimum(1.0, m) if miss_prob_per_layer is None else np.asarray(miss_prob_per_layer, dtype=float)
+    io_s = (p * profile.latency_us * 1e-6).sum() + m.sum() * expert_bytes / (profile.bandwidth_gbps * 1e9)
+    return float(compute_ms + io_s * 1e3)
+
+
+def miss_profile(ids: np.ndarray, capacity: int, policy: str = "lru") -> tuple[list[float], list[float]]:
+    """Per layer: mean misses per token and the fraction of tokens with any miss."""
+    from mobilemoe.remoe.cache_sim import simulate_groups
+
+    ids = np.asarray(ids)
+    means, probs = [], []
+    for l in range(ids.shape[0]):
+        per: list[int] = []
+        simulate_groups([tuple(int(e) for e in row) for row in ids[l]], capacity, policy, per_group=per)
+        arr = np.asarray(per, dtype=float)
+        means.append(float(arr.mean()) if arr.size else 0.0)
+        probs.append(float((arr > 0).mean()) if arr.size else 0.0)
+    return means, probs
+
+
+def measure_local_disk(path: str | Path | None = None, size_mb: int = 64, block_kb: int = 256,
+                       reads: int = 64) -> StorageProfile:
+    """Measure random ``os.pread`` latency (4 KiB) and bandwidth (``block_kb`` blocks) of this machine's disk."""
+    import tempfile
+
+    d = Path(path) if path else Path(tempfile.mkdtemp(prefix="mobilemoe-disk-"))
+    f = d / "probe.bin"
+    data = os.urandom(1 << 20)
+    with open(f, "wb") as fh:
+        for _ in range(size_mb):
+            fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        rng = np.random.default_rng(0)
+        size = size_mb << 20
+        t0 = time.perf_counter()
+        for off in rng.integers(0, size - 4096, reads):
+            os.pread(fd, 4096, int(off) // 4096 * 4096)
+        lat = (time.perf_counter() - t0) / reads
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        blk = block_kb << 10
+        t0 = time.perf_counter()
+        total = 0
+        for off in rng.integers(0, size - blk, reads):
+            total += len(os.pread(fd, blk, int(off) // 4096 * 4096))
+        bw = total / max(time.perf_counter() - t0, 1e-9) / 1e9
+    finally:
+        os.close(fd)
+        f.unlink(missing_ok=True)
+        if path is None:
+            d.rmdir()
+    return StorageProfile("this-machine", round(bw, 3), round(lat * 1e6, 1), "measured with os.pread")
+
+
+# ---------------------------------------------------------------------- the expert store
+STORE_FILE = "experts.bin"
+STORE_INDEX = "experts.json"
+_PARTS = ("gate_up_qweight", "gate_up_scale", "down_qweight", "down_scale")
+
+
+def write_expert_store(int4_ckpt: str | Path, out_dir: str | Path, align: int = 4096) -> Path:
+    """Lay out every routed expert of an INT4 MobileMoE checkpoint contiguously (page aligned)."""
+    from mobilemoe.checkpoint import load_tensors
+
+    cfg, tensors = load_tensors(int4_ckpt)
+    if not cfg.is_quantized:
+        raise MobileMoEError(f"{int4_ckpt}: not an INT4 checkpoint (quantize it first: mobilemoe quantize)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    index = {"align": align, "num_experts": cfg.num_local_experts, "layers": {}, "parts": list(_PARTS)}
+    off = 0
+    with open(out / STORE_FILE, "wb") as fh:
+        for i in range(cfg.num_hidden_layers):
+            if not cfg.is_moe_layer(i):
+                continue
+            p = f"model.layers.{i}.feed_forward.experts"
+            entries = []
+            for e in range(cfg.num_local_experts):
+                parts, blob = [], b""
+                for name in _PARTS:
+                    t = tensors[f"{p}.{name}"][e].contiguous()
+                    b = t.view(torch.uint8).numpy().tobytes()
+                    parts.append({"name": name, "dtype": str(t.dtype).removeprefix("torch."),
+                                  "shape": list(t.shape), "offset": len(blob), "nbytes": len(b)})
+                    blob += b
+                pad = (-off) % align
+                fh.write(b"\0" * pad)
+                off += pad
+                entries.append({"offset": off, "nbytes": len(blob), "parts": parts})
+                fh.write(blob)
+                off += len(blob)
+            index["layers"][str(i)] = entries
+    (out / STORE_INDEX).write_text(json.dumps(index) + "\n")
+    return out
+
+
+class ExpertStore:
+    """RAM cache (LRU) of at most ``capacity`` experts per layer and ``byte_budget`` bytes in total,
+    backed by ``os.pread`` from the store file. ``get`` returns the expert's tensors by part name."""
+
+    def __init__(self, store_dir: str | Path, capacity: int, byte_budget: int | None = None,
+                 drop_page_cache: bool = False) -> None:
+        d = Path(store_dir)
+        self.index = json.loads((d / STORE_INDEX).read_text())
+        self.fd = os.open(d / STORE_FILE, os.O_RDONLY)
+        self.capacity, self.byte_budget = capacity, byte_budget
+        self.cache: dict[int, OrderedDict] = {}
+        self.bytes_cached = 0
+        self.hits = self.misses = self.bytes_read = 0
+        self.read_seconds = 0.0
+        if drop_page_cache and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _decode(self, entry: dict, raw: bytes) -> dict[str, torch.Tensor]:
+        out = {}
+        for part in entry["parts"]:
+            buf = bytearray(raw[part["offset"]: part["offset"] + part["nbytes"]])
+            t = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+            out[part["name"]] = t.view(getattr(torch, part["dtype"])).reshape(part["shape"])
+        return out
+
+    def _evict_one(self) -> bool:
+        # global LRU across layers when over the byte budget: drop the oldest of the fullest layer
+        layer = max(self.cache, key=lambda k: len(self.cache[k]), default=None)
+        if layer is None or not self.cache[layer]:
+            return False
+        _, (nbytes, _) = self.cache[layer].popitem(last=False)
+        self.bytes_cached -= nbytes
+        return True
+
+    def get(self, layer: int, expert: int, pinned: tuple[int, ...] = ()) -> dict[str, torch.Tensor]:
+        lc = self.cache.setdefault(layer, OrderedDict())
+        if expert in lc:
+            self.hits += 1
+            lc.move_to_end(expert)
+            return lc[expert][1]
+        self.misses += 1
+        entry = self.index["layers"][str(layer)][expert]
+        t0 = time.perf_counter()
+        raw = os.pread(self.fd, entry["nbytes"], entry["offset"])
+        self.read_seconds += time.perf_counter() - t0
+        self.bytes_read += len(raw)
+        tensors = self._decode(entry, raw)
+        while len(lc) >= self.capacity:
+            victim = next((k for k in lc if k not in pinned), None)
+            if victim is None:
+                break
+            self.bytes_cached -= lc.pop(victim)[0]
+        if self.byte_budget is not None:
+            while self.bytes_cached + entry["nbytes"] > self.byte_budget and self._evict_one():
+                pass
+        lc[expert] = (entry["nbytes"], tensors)
+        self.bytes_cached += entry["nbytes"]
+        return tensors
+
+    def replay(self, ids: np.ndarray, moe_layers: list[int]) -> dict:
+        """Fetch every (token, layer) expert set of a trace [L, N, K]; returns counters."""
+        ids = np.asarray(ids)
+        t0 = time.perf_counter()
+        for t in range(ids.shape[1]):
+            for li, layer in enumerate(moe_layers):
+                need = tuple(int(e) for e in ids[li, t])
+                for e in need:
+                    self.get(layer, e, pinned=need)
+        wall = time.perf_counter() - t0
+        n = ids.shape[1]
+        return {"tokens": n, "hits": self.hits, "misses": self.misses, "bytes_read": self.bytes_read,
+                "read_seconds": self.read_seconds, "wall_seconds": wall,
+                "read_ms_per_token": 1e3 * self.read_seconds / max(n, 1),
+                "bytes_per_token": self.bytes_read / max(n, 1)}
+
+    def stats(self) -> dict:
+        return {"hits": self.hits, "misses": self.misses, "bytes_read": self.bytes_read,
+                "read_seconds": self.read_seconds, "bytes_cached": self.bytes_cached}
+
+
+def profile_dict(p: StorageProfile) -> dict:
+    return asdict(p)

@@ -1,0 +1,103 @@
+"""Before/after evaluation: perplexity, EOR, cache hit rates, Proposition 3.1 bound, projected TPOT."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mobilemoe.remoe.adapters import Adapter, MobileMoEAdapter
+from mobilemoe.remoe.cache_sim import POLICIES, analyze
+from mobilemoe.remoe.device import PROFILES, StorageProfile, miss_profile, projected_tpot_ms
+from mobilemoe.remoe.traces import Trace, trace_sequences
+
+
+def expert_bytes(adapter: Adapter, fmt: str = "int4") -> int:
+    """Bytes of one routed expert in ``fmt`` (int4: packed codes + fp16 scale per 32)."""
+    from mobilemoe.accounting import int4_bytes
+
+    if isinstance(adapter, MobileMoEAdapter):
+        from mobilemoe.accounting import tensor_bytes
+        from mobilemoe.layout import tensor_specs
+
+        cfg = adapter.model.config
+        specs = [s for s in tensor_specs(cfg) if s.role == "experts"]
+        layer0 = specs[0].layer
+        total = sum(tensor_bytes(s, fmt) for s in specs if s.layer == layer0)
+        return total // cfg.num_local_experts
+    # transformers: stacked expert tensors under the MoE block's `experts` module of the first router's block
+    name = adapter.router_param_names()[0].rsplit(".", 2)[0]  # e.g. model.layers.0.mlp
+    numel = sum(p.numel() for n, p in adapter.model.named_parameters() if n.startswith(name + ".experts."))
+    per = numel // adapter.num_experts
+    return int4_bytes(per) if fmt == "int4" else per * 2
+
+
+@torch.no_grad()
+def perplexity(adapter: Adapter, windows: Sequence[torch.Tensor]) -> float:
+    nll, n = 0.0, 0
+    for w in windows:
+        x, y = w[:, :-1], w[:, 1:]
+        logits = adapter._lm_logits(x)
+        nll += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"))
+        n += y.numel()
+    return math.exp(nll / max(n, 1))
+
+
+def evaluate(adapter: Adapter, windows: Sequence[torch.Tensor], capacity: int | None = None,
+             policies: Sequence[str] = POLICIES, profiles: dict[str, StorageProfile] | None = None,
+             compute_ms: float = 0.0, trace: Trace | None = None) -> dict[str, Any]:
+    """One model on deterministic validation windows [1, T+1]: ppl + routing/caching metrics."""
+    ppl = perplexity(adapter, windows)
+    tr = trace or trace_sequences(adapter, [w[:, :-1] for w in windows], "validation")
+    K = adapter.top_k
+    C = capacity or K
+    eb = expert_bytes(adapter)
+    rep = analyze(tr.ids, C, policies, eb, tr.seq_starts)
+    means, probs = miss_profile(tr.ids, C, "lru")
+    tpot = {name: projected_tpot_ms(means, eb, prof, compute_ms, probs)
+            for name, prof in (profiles or PROFILES).items()}
+    return {"perplexity": ppl, "eor": rep.eor, "eor_per_layer": rep.eor_per_layer,
+            "bound_misses_per_token": rep.bound_misses_per_token, "capacity": C, "top_k": K,
+            "expert_bytes": eb, "tokens": tr.num_tokens,
+            "hit_rate": {p: rep.policies[p]["hit_rate"] for p in policies},
+            "misses_per_token": {p: rep.policies[p]["misses_per_token"] for p in policies},
+            "bytes_per_token": {p: rep.policies[p]["bytes_per_token"] for p in policies},
+            "tpot_ms": tpot, "trace": tr}
+
+
+def compare(before: dict, after: dict) -> dict[str, Any]:
+    """Relative / absolute changes of the headline metrics."""
+    def rel(a, b):
+        return (b - a) / a if a else float("nan")
+    out = {"eor_before": before["eor"], "eor_after": after["eor"], "eor_rel_change": rel(before["eor"], after["eor"]),
+           "ppl_before": before["perplexity"], "ppl_after": after["perplexity"],
+           "ppl_rel_change": rel(before["perplexity"], after["perplexity"])}
+    for p in before["hit_rate"]:
+        out[f"{p}_hit_before"] = before["hit_rate"][p]
+        out[f"{p}_hit_after"] = after["hit_rate"][p]
+    for name in before["tpot_ms"]:
+        out[f"tpot_ms_{name}_before"] = before["tpot_ms"][name]
+        out[f"tpot_ms_{name}_after"] = after["tpot_ms"][name]
+    return out
+
+
+def strip(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "trace"}
+
+
+def phase_eor(trace: Trace, phase: int = 1) -> float:
+    """EOR over consecutive token pairs that are both in ``phase`` (1: generated tokens) of one sequence."""
+    from mobilemoe.remoe.cache_sim import overlap_per_token
+
+    ph = np.asarray(trace.phase)
+    ok = (ph[1:] == phase) & (ph[:-1] == phase)
+    for s in trace.seq_starts:
+        if 0 < s < len(ph):
+            ok[s - 1] = False
+    if not ok.any():
+        return float("nan")
+    vals = [overlap_per_token(trace.ids[l])[ok].mean() for l in range(trace.ids.shape[0])]
+    return float(np.mean(vals))

@@ -1,0 +1,205 @@
+"""GGUF export: llama.cpp's logits match mobilemoe's; Q4_0 is code-exact; router patching; bad input."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mobilemoe.checkpoint import load_model, load_tensors
+from mobilemoe.cli import main
+from mobilemoe.config import preset
+from mobilemoe.export import ExportError
+from mobilemoe.export.gguf import check_gguf, export_gguf, int4_from_q4_0, patch_routers, q4_0_from_int4
+from mobilemoe.quant.int4 import unpack_int4
+
+gguf = pytest.importorskip("gguf")
+
+
+def _llama_logits(path, ids):
+    pytest.importorskip("llama_cpp")
+    from mobilemoe.export.llamacpp_logits import LlamaCppLogits
+
+    ll = LlamaCppLogits(path, n_ctx=64)
+    try:
+        step = ll.stepwise_logits(ids)  # one token per call: exercises the KV cache
+        ll.clear()
+        batch = ll.logits(ids)  # the whole prompt in one batch
+    finally:
+        ll.close()
+    return step, batch
+
+
+def _ref_logits(ckpt, ids):
+    with torch.no_grad():
+        return load_model(ckpt).eval()(torch.tensor([ids])).logits[0].float().numpy()
+
+
+@pytest.mark.parametrize("name", ["float", "plain", "lead_dense", "int4"])
+def test_llamacpp_f32_logits_match(ckpts, prompt, tmp_path, name):
+    """f32 weights, f32 KV cache: llama.cpp's exaone-moe graph computes MobileMoE's forward (llama3
+    rope factors, a NoPE layer, a leading dense layer, INT4 decode all covered) to float rounding."""
+    r = export_gguf(ckpts[name], tmp_path / "m.gguf", "f32")
+    assert r.arch == "exaone-moe"
+    ref = _ref_logits(ckpts[name], prompt)
+    step, batch = _llama_logits(tmp_path / "m.gguf", prompt)
+    assert np.abs(step - ref).max() < 2e-4, np.abs(step - ref).max()
+    assert np.abs(batch - ref[-1]).max() < 2e-4
+    assert (step.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("overrides", [dict(router_type="softmax", routed_scaling_factor=1.0),
+                                       dict(norm_topk_prob=False), dict(tie_word_embeddings=False)],
+                         ids=["softmax-router", "no-topk-norm", "untied"])
+def test_llamacpp_f32_router_variants(tmp_path, prompt, build_ckpt, overrides):
+    """The gating function, top-k normalisation and untied heads are carried by GGUF keys/tensors."""
+    ck = build_ckpt(tmp_path / "ck", seed=9, **overrides)
+    export_gguf(ck, tmp_path / "m.gguf", "f32")
+    step, _ = _llama_logits(tmp_path / "m.gguf", prompt)
+    assert np.abs(step - _ref_logits(ck, prompt)).max() < 2e-4
+
+
+@pytest.mark.parametrize("name", ["float", "int4"])
+def test_llamacpp_f16_logits_close(ckpts, prompt, tmp_path, name):
+    """f16 weights: close, except where f16 rounding flips a near-tie top-k choice at one position."""
+    export_gguf(ckpts[name], tmp_path / "m.gguf", "f16")
+    ref = _ref_logits(ckpts[name], prompt)
+    step, _ = _llama_logits(tmp_path / "m.gguf", prompt)
+    err = np.abs(step - ref).max(-1)
+    assert np.median(err) < 3e-3 and err.max() < 0.1, err
+    assert (step.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+def test_q4_0_is_code_exact(ckpts, prompt, tmp_path):
+    r = export_gguf(ckpts["int4"], tmp_path / "q.gguf", "q4_0")
+    cfg, t = load_tensors(ckpts["int4"])
+    reader = gguf.GGUFReader(str(tmp_path / "q.gguf"))
+    got = {x.name: x for x in reader.tensors}
+    D = cfg.head_dim
+    perm = torch.cat([torch.arange(0, D, 2), torch.arange(1, D, 2)])
+    checked = 0
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        pairs = {"attn_v": f"{p}.self_attn.v_proj", "attn_output": f"{p}.self_attn.o_proj",
+                 "attn_q": f"{p}.self_attn.q_proj", "attn_k": f"{p}.self_attn.k_proj",
+                 "ffn_gate_shexp": f"{p}.feed_forward.shared_expert.gate_proj",
+                 "ffn_down_shexp": f"{p}.feed_forward.shared_expert.down_proj"}
+        for gname, ours in pairs.items():
+            x = got[f"blk.{i}.{gname}.weight"]
+            assert x.tensor_type == gguf.GGMLQuantizationType.Q4_0
+            codes, scales = int4_from_q4_0(np.asarray(x.data))
+            want_c, want_s = unpack_int4(t[f"{ours}.qweight"]), t[f"{ours}.weight_scale"]
+            if gname in ("attn_q", "attn_k"):  # rows permuted inside each head (adjacent -> NEOX pairs)
+                heads = want_c.shape[0] // D
+                want_c = want_c.reshape(heads, D, -1)[:, perm].reshape(want_c.shape)
+                want_s = want_s.reshape(heads, D, -1)[:, perm].reshape(want_s.shape)
+            assert torch.equal(codes, want_c.to(torch.int8)) and torch.equal(scales, want_s), gname
+            checked += 1
+    codes, scales = int4_from_q4_0(np.asarray(got["token_embd.weight"].data))
+    assert torch.equal(codes, unpack_int4(t["model.embed_tokens.qweight"]))
+    assert checked == 6 * cfg.num_hidden_layers and len(r.exact_q4_0) >= checked + 2
+    # the routed experts are the only re-quantized tensors: logits stay close
+    ref = _ref_logits(ckpts["int4"], prompt)
+    step, _ = _llama_logits(tmp_path / "q.gguf", prompt)
+    assert np.abs(step - ref).max() < 0.1 and (step.argmax(-1) == ref.argmax(-1)).mean() >= 0.8
+
+
+def test_q4_0_nibble_order_round_trip():
+    codes = torch.randint(-8, 8, (3, 64), dtype=torch.int8)
+    scales = torch.randn(3, 2).to(torch.float16)
+    blocks = q4_0_from_int4(codes, scales)
+    assert blocks.shape == (3, 36)
+    # llama.cpp's own dequantization of these bytes equals code * scale
+    deq = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_0)
+    want = (codes.float().reshape(3, 2, 32) * scales.float()[..., None]).reshape(3, 64).numpy()
+    assert np.array_equal(deq, want)
+    c2, s2 = int4_from_q4_0(blocks)
+    assert torch.equal(c2, codes) and torch.equal(s2, scales)
+
+
+def test_tokenizer_exported_as_gpt2_bpe(ckpts, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from mobilemoe.data.tokenizer import Tokenizer, train_bpe
+    from mobilemoe.export.llamacpp_logits import LlamaCppLogits
+
+    ck = tmp_path / "ck"
+    shutil.copytree(ckpts["plain"], ck)
+    text = "the quick brown fox jumps over the lazy dog, twice: the quick brown fox!"
+    train_bpe([text * 3] * 20, vocab_size=300).save(ck / "tokenizer.json")
+    r = export_gguf(ck, tmp_path / "t.gguf", "f16")
+    assert r.tokenizer == "gpt2"
+    ours = Tokenizer.load(ck).encode(text)
+    ll = LlamaCppLogits(tmp_path / "t.gguf", n_ctx=64)
+    try:
+        L = ll.L
+        vocab = L.llama_model_get_vocab(ll.model)
+        buf = (L.llama_token * 256)()
+        raw = text.encode()
+        n = L.llama_tokenize(vocab, raw, len(raw), buf, 256, False, False)
+        assert list(buf[:n]) == ours
+    finally:
+        ll.close()
+
+
+def test_patch_routers_changes_only_routers(ckpts, prompt, tmp_path):
+    export_gguf(ckpts["plain"], tmp_path / "in.gguf", "f16")
+    cfg, t = load_tensors(ckpts["plain"])
+    gen = torch.Generator().manual_seed(7)
+    new = {f"model.layers.{i}.feed_forward.router.weight":
+           torch.randn(cfg.num_local_experts, cfg.hidden_size, generator=gen) * 0.5
+           for i in range(cfg.num_hidden_layers)}
+    save_file(new, str(tmp_path / "routers.safetensors"))
+    assert main(["export", "patch-gguf-routers", str(tmp_path / "in.gguf"), str(tmp_path / "routers.safetensors"),
+                 str(tmp_path / "out.gguf")]) == 0
+    a = {x.name: x for x in gguf.GGUFReader(str(tmp_path / "in.gguf")).tensors}
+    b = {x.name: x for x in gguf.GGUFReader(str(tmp_path / "out.gguf")).tensors}
+    assert a.keys() == b.keys()
+    changed = {n for n in a if not np.array_equal(np.asarray(a[n].data), np.asarray(b[n].data))}
+    assert changed == {f"blk.{i}.ffn_gate_inp.weight" for i in range(cfg.num_hidden_layers)}
+    for i in range(cfg.num_hidden_layers):
+        assert np.array_equal(np.asarray(b[f"blk.{i}.ffn_gate_inp.weight"].data),
+                              new[f"model.layers.{i}.feed_forward.router.weight"].numpy())
+    assert (tmp_path / "in.gguf").stat().st_size == (tmp_path / "out.gguf").stat().st_size
+    # llama.cpp on the patched file == mobilemoe with the new routers
+    model = load_model(ckpts["plain"]).eval()
+    model.load_state_dict(new, strict=False)
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt])).logits[0].numpy()
+    step, _ = _llama_logits(tmp_path / "out.gguf", prompt)
+    assert np.abs(step - ref).max() < 3e-3
+
+
+def test_patch_routers_rejects_bad_files(ckpts, tmp_path):
+    export_gguf(ckpts["plain"], tmp_path / "in.gguf", "f16")
+    save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(4, 4)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ExportError, match="not a router weight"):
+        patch_routers(tmp_path / "in.gguf", tmp_path / "bad.safetensors", tmp_path / "o.gguf")
+    save_file({"model.layers.0.feed_forward.router.weight": torch.zeros(3, 4)}, str(tmp_path / "shape.safetensors"))
+    with pytest.raises(ExportError, match="shape"):
+        patch_routers(tmp_path / "in.gguf", tmp_path / "shape.safetensors", tmp_path / "o.gguf")
+    assert not (tmp_path / "o.gguf").exists()
+
+
+@pytest.mark.parametrize("overrides, feature", [
+    (dict(interleave_moe_layer_step=2), "interleaved dense layers"),
+    (dict(num_shared_experts=0), "num_shared_experts=0"),
+    (dict(use_qk_norm=False), "use_qk_norm=false"),
+    (dict(attention_bias=True), "attention_bias=true"),
+    (dict(num_local_experts=0, num_experts_per_tok=0, intermediate_size=384, intermediate_size_mlp=384),
+     "dense model"),
+])
+def test_unrepresentable_features_are_named(overrides, feature):
+    cfg = preset("tiny-moe", **overrides)
+    with pytest.raises(ExportError, match=feature):
+        check_gguf(cfg)
+
+
+def test_cli_refuses_unrepresentable_checkpoint(tmp_path, capsys):
+    from mobilemoe.checkpoint import save_checkpoint
+    from mobilemoe.model import MobileMoEForCausalLM
+
+    save_checkpoint(MobileMoEForCausalLM(preset("tiny-moe-softmax")), tmp_path / "ck")
+    assert main(["export", "gguf", str(tmp_path / "ck"), str(tmp_path / "x.gguf")]) == 2
+    assert "num_shared_experts=0" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists()
