@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import time
 from pathlib import Path
 
 import yaml
@@ -43,9 +42,22 @@ def pretrain_stage(steps: int) -> dict:
     return stage
 
 
+def metrics(stage_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def evals(stage_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r for r in rows if "val_loss" in r]
+    return [r for r in metrics(stage_dir) if "val_loss" in r]
+
+
+def train_stats(stage_dir: Path) -> dict:
+    """Tokens and wall time of a stage from its metrics log (also right for a resumed, skipped stage)."""
+    steps = [r for r in metrics(stage_dir) if "loss" in r and "tokens" in r]
+    wall = steps[-1]["time"] - steps[0]["time"]
+    per_step = wall / max(len(steps) - 1, 1)
+    tokens = sum(r["tokens"] for r in steps)
+    return {"steps": len(steps), "tokens": tokens, "wall_seconds": wall + per_step,
+            "tokens_per_s": tokens / (wall + per_step), "final_val_loss": evals(stage_dir)[-1]["val_loss"]}
 
 
 def val_loss(ckpt: Path, ids: list[int], window: int = 256) -> float:
@@ -62,7 +74,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/train_tiny")
     parser.add_argument("--steps", type=int, default=300, help="pre-training steps per model")
     parser.add_argument("--qat-steps", type=int, default=100)
-    parser.add_argument("--sft-steps", type=int, default=200)
+    parser.add_argument("--sft-steps", type=int, default=500)
     parser.add_argument("--plot", default=None)
     args = parser.parse_args()
     out = Path(args.out)
@@ -71,10 +83,8 @@ def main() -> None:
     # 1. MoE vs dense pre-training, same data, tokens and seed.
     for label, preset in (("moe", "tiny-moe"), ("dense", "tiny-dense")):
         recipe = recipe_from_dict(tiny_recipe(f"tiny-{label}", preset, [pretrain_stage(args.steps)]))
-        t0 = time.perf_counter()
-        report = run_recipe(recipe, out / label, resume=True)[0]
-        result[label] = {"preset": preset, "final_val_loss": report.val_loss, "tokens": report.tokens,
-                         "train_seconds": report.seconds, "wall_seconds": time.perf_counter() - t0,
+        run_recipe(recipe, out / label, resume=True)
+        result[label] = {"preset": preset, **train_stats(out / label / "pretrain"),
                          "curve": [(r["step"], r["val_loss"]) for r in evals(out / label / "pretrain")]}
     from mobilemoe.accounting import active_params
     from mobilemoe.commands.demo import _shard_tokens, unigram_loss
@@ -85,21 +95,25 @@ def main() -> None:
     val = _shard_tokens(out / "moe", "val")
     result["unigram_val_loss"] = unigram_loss(_shard_tokens(out / "moe", "train"), val, 512)
 
-    # 2. QAT vs PTQ (INT4) on the same corpus.
+    # 2. QAT vs PTQ (INT4) on the same corpus. QAT continues training, so the float and PTQ rows
+    #    come from a float model continued for the same steps with the same schedule (the control).
     from mobilemoe.quant import quantize_checkpoint
 
     moe_final = out / "moe" / "pretrain" / "final"
-    qat_stage = {**pretrain_stage(args.qat_steps), "name": "qat", "lr": 3.0e-4, "min_lr": 3.0e-5, "warmup_steps": 0,
-                 "export_int4": True, "eval_every": 50}
-    recipe = recipe_from_dict(tiny_recipe("tiny-qat", "tiny-moe", [qat_stage]))
-    run_recipe(recipe, out / "qat", init=moe_final, resume=True)
-    quantize_checkpoint(moe_final, out / "ptq-int4", overwrite=True)
+    cont = {**pretrain_stage(args.qat_steps), "lr": 3.0e-4, "min_lr": 3.0e-5, "warmup_steps": 0, "eval_every": 50}
+    run_recipe(recipe_from_dict(tiny_recipe("tiny-float-cont", "tiny-moe", [{**cont, "name": "midtrain"}])),
+               out / "float-cont", init=moe_final, resume=True)
+    run_recipe(recipe_from_dict(tiny_recipe("tiny-qat", "tiny-moe", [{**cont, "name": "qat", "export_int4": True}])),
+               out / "qat", init=moe_final, resume=True)
+    float_cont = out / "float-cont" / "midtrain" / "final"
+    quantize_checkpoint(float_cont, out / "ptq-int4", overwrite=True)
     ids = val[:16384].tolist()
-    result["int4"] = {"float_val_loss": val_loss(moe_final, ids), "ptq_int4_val_loss": val_loss(out / "ptq-int4", ids),
-                      "qat_int4_val_loss": val_loss(out / "qat" / "qat" / "final-int4", ids)}
-    gap = result["int4"]["ptq_int4_val_loss"] - result["int4"]["float_val_loss"]
-    result["int4"]["ptq_gap"] = gap
-    result["int4"]["qat_gap"] = result["int4"]["qat_int4_val_loss"] - result["int4"]["float_val_loss"]
+    r = {"float_val_loss": val_loss(float_cont, ids), "ptq_int4_val_loss": val_loss(out / "ptq-int4", ids),
+         "qat_int4_val_loss": val_loss(out / "qat" / "qat" / "final-int4", ids), "steps": args.qat_steps}
+    r["ptq_gap"] = r["ptq_int4_val_loss"] - r["float_val_loss"]
+    r["qat_gap"] = r["qat_int4_val_loss"] - r["float_val_loss"]
+    r["gap_recovered"] = 1 - r["qat_gap"] / r["ptq_gap"] if r["ptq_gap"] > 0 else None
+    result["int4"] = r
 
     # 3. SFT on GSM8K, then answer a test question with the chat template.
     tokenizer = str(out / "moe" / "tokenizer.json")
@@ -108,17 +122,17 @@ def main() -> None:
                  "data": {"source": str(GSM8K / "train.jsonl"), "format": "gsm8k", "tokenizer": tokenizer,
                           "val_fraction": 0.02}}
     recipe = recipe_from_dict(tiny_recipe("tiny-sft", "tiny-moe", [sft_stage], tokenizer=tokenizer))
-    sft = run_recipe(recipe, out / "sft", init=moe_final, resume=True)[0]
+    run_recipe(recipe, out / "sft", init=moe_final, resume=True)
     from mobilemoe.data.chat import encode_prompt
     from mobilemoe.data.tokenizer import END
     from mobilemoe.runtime import Engine
 
     question = json.loads((GSM8K / "test.jsonl").read_text().splitlines()[0])["question"]
-    engine = Engine.load(sft.final_dir, backend="reference")
+    engine = Engine.load(out / "sft" / "sft" / "final", backend="reference")
     prompt = encode_prompt(engine.tokenizer, [{"role": "user", "content": question}])
-    gen = engine.generate(prompt, 200, stop_ids=[engine.tokenizer.require_id(END)])
+    gen = engine.generate(prompt, 300, stop_ids=[engine.tokenizer.require_id(END)])
     answer = engine.tokenizer.decode(gen.ids)
-    result["sft"] = {"val_loss": sft.val_loss, "question": question, "answer": answer,
+    result["sft"] = {**train_stats(out / "sft" / "sft"), "question": question, "answer": answer,
                      "has_final_answer_marker": "####" in answer, "stopped_by": gen.stopped_by}
     print(json.dumps(result, indent=2))
     (out / "result.json").write_text(json.dumps(result, indent=2))

@@ -161,6 +161,10 @@ def test_patch_routers_changes_only_routers(ckpts, prompt, tmp_path):
         assert np.array_equal(np.asarray(b[f"blk.{i}.ffn_gate_inp.weight"].data),
                               new[f"model.layers.{i}.feed_forward.router.weight"].numpy())
     assert (tmp_path / "in.gguf").stat().st_size == (tmp_path / "out.gguf").stat().st_size
+    # the ReMoE spelling of the same operation writes the same bytes
+    assert main(["remoe", "apply", "--gguf", str(tmp_path / "in.gguf"), "--routers",
+                 str(tmp_path / "routers.safetensors"), str(tmp_path / "out2.gguf")]) == 0
+    assert (tmp_path / "out2.gguf").read_bytes() == (tmp_path / "out.gguf").read_bytes()
     # llama.cpp on the patched file == mobilemoe with the new routers
     model = load_model(ckpts["plain"]).eval()
     model.load_state_dict(new, strict=False)

@@ -16,14 +16,18 @@ from mobilemoe.runtime import native
 BACKENDS = ["reference"] + (["native"] if native.is_available() else [])
 
 
-@pytest.fixture(scope="module")
-def int4_ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("engine")
-    model = MobileMoEForCausalLM(preset("tiny-moe", max_position_embeddings=64))
-    model.reset_parameters(seed=1)
+def _int4_checkpoint(root, name: str, seed: int, **overrides):
+    """A float and an INT4 checkpoint of a seeded random preset; returns the INT4 directory."""
+    model = MobileMoEForCausalLM(preset(name, max_position_embeddings=64, **overrides))
+    model.reset_parameters(seed=seed)
     save_checkpoint(model, root / "float")
     quantize_checkpoint(root / "float", root / "int4")
     return root / "int4"
+
+
+@pytest.fixture(scope="module")
+def int4_ckpt(tmp_path_factory):
+    return _int4_checkpoint(tmp_path_factory.mktemp("engine"), "tiny-moe", seed=1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -42,13 +46,8 @@ def test_incremental_decode_equals_full_forward(int4_ckpt, backend):
 @pytest.fixture(scope="module", params=["tiny-dense", "tiny-moe-softmax"])
 def variant_ckpt(request, tmp_path_factory):
     """Dense layers, softmax routing without a shared expert, untied head: the other code paths."""
-    root = tmp_path_factory.mktemp(request.param)
-    model = MobileMoEForCausalLM(preset(request.param, max_position_embeddings=64,
-                                       interleave_moe_layer_step=2 if request.param != "tiny-dense" else 1))
-    model.reset_parameters(seed=2)
-    save_checkpoint(model, root / "float")
-    quantize_checkpoint(root / "float", root / "int4")
-    return root / "int4"
+    step = {} if request.param == "tiny-dense" else {"interleave_moe_layer_step": 2}
+    return _int4_checkpoint(tmp_path_factory.mktemp(request.param), request.param, seed=2, **step)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -135,3 +134,16 @@ def test_generate_cli(int4_ckpt, capsys):
     assert record["generated_tokens"] == 4 and record["prompt_tokens"] == 3
     assert main(["generate", "--model", str(int4_ckpt), "--prompt", "hi"]) == 2  # no tokenizer.json
     assert "no tokenizer.json" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not native.is_available(), reason="native extension not built")
+def test_chunked_packing_equals_whole_tensor_packing(monkeypatch):
+    from mobilemoe.kernels.pack import pack_experts, pack_linear
+    from mobilemoe.quant import quantize
+
+    monkeypatch.setattr(native, "PACK_ROWS", 64)
+    q, s = quantize(torch.randn(64 * 3 + 16 * 2, 64))  # chunks of 64 rows and a ragged tail
+    assert torch.equal(native._pack_rows(q, s, pack_linear), pack_linear(q, s))
+    q, s = quantize(torch.randn(5, 64, 96))
+    for a, b in zip(native._pack_experts(q, s, pack_experts), pack_experts(q, s)):
+        assert torch.equal(a, b)

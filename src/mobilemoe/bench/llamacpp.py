@@ -45,12 +45,16 @@ class LlamaCppModel:
         cparams = L.llama_context_default_params()
         cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = n_ctx, n_batch, n_ubatch
         cparams.n_threads = cparams.n_threads_batch = threads
+        self.configure_context(cparams)
         self.ctx = L.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             raise MobileMoEError(f"{path}: llama.cpp could not create a context of {n_ctx} tokens")
         self.n_batch = n_batch
         self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
         self.rng = np.random.default_rng(seed)
+
+    def configure_context(self, cparams) -> None:
+        """Hook for subclasses to adjust llama.cpp context parameters before the context is made."""
 
     def _decode(self, ids: list[int]) -> None:
         arr = (self.L.llama_token * len(ids))(*ids)

@@ -65,10 +65,15 @@ def register(subparsers) -> None:
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=run_eval)
 
-    a = sub.add_parser("apply", help="write a model with its routers replaced by a delta")
-    a.add_argument("--model", required=True)
+    a = sub.add_parser("apply", help="write a model (or a GGUF) with its routers replaced by a delta",
+                       description="Checkpoint: `--model DIR --routers DELTA --out DIR`. GGUF (llama.cpp): "
+                                   "`--gguf IN.gguf --routers DELTA OUT.gguf` patches only the router tensors.")
+    src = a.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="mobilemoe or Hugging Face model directory")
+    src.add_argument("--gguf", help="a GGUF exported by `mobilemoe export gguf` (patched in a copy)")
     a.add_argument("--routers", required=True, help="router delta .safetensors (from remoe train)")
-    a.add_argument("--out", required=True)
+    a.add_argument("out_gguf", nargs="?", help="with --gguf: the output GGUF path")
+    a.add_argument("--out", help="with --model: the output directory")
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=run_apply)
 
@@ -207,11 +212,23 @@ def run_eval(args) -> int:
 
 def run_apply(args) -> int:
     from mobilemoe.commands.common import print_json
-    from mobilemoe.remoe.train import apply_delta
+    from mobilemoe.errors import MobileMoEError
 
-    out = apply_delta(args.model, args.routers, args.out)
+    if args.gguf is not None:
+        from mobilemoe.export.gguf import patch_routers
+
+        if args.out_gguf is None:
+            raise MobileMoEError("remoe apply --gguf IN.gguf --routers DELTA OUT.gguf: give the output GGUF path")
+        patched = patch_routers(args.gguf, args.routers, args.out_gguf)
+        out = args.out_gguf
+    else:
+        from mobilemoe.remoe.train import apply_delta
+
+        if args.out is None or args.out_gguf is not None:
+            raise MobileMoEError("remoe apply --model DIR --routers DELTA --out DIR (a positional output is for --gguf)")
+        out, patched = apply_delta(args.model, args.routers, args.out), None
     if args.json:
-        print_json({"out": str(out)})
+        print_json({"out": str(out), "patched": patched})
     else:
         print(f"remoe apply: routers from {args.routers} -> {out}")
     return 0

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 
-from mobilemoe.bench.llamacpp import LlamaCppModel, _lib
-from mobilemoe.errors import MobileMoEError
+from mobilemoe.bench.llamacpp import LlamaCppModel
 
 GGML_TYPE_F32 = 0
 
@@ -19,23 +17,14 @@ class LlamaCppLogits(LlamaCppModel):
 
     def __init__(self, path: str | os.PathLike, n_ctx: int = 256, threads: int = 2, kv_f32: bool = True,
                  n_batch: int = 512, seed: int = 0) -> None:
-        L = self.L = _lib()
-        self.model = L.llama_model_load_from_file(str(Path(path)).encode(), L.llama_model_default_params())
-        if not self.model:
-            raise MobileMoEError(f"{path}: llama.cpp could not load this GGUF")
-        cparams = L.llama_context_default_params()
-        cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = n_ctx, n_batch, n_batch
-        cparams.n_threads = cparams.n_threads_batch = threads
-        if kv_f32:
+        self.kv_f32 = kv_f32
+        super().__init__(path, n_ctx=n_ctx, threads=threads, n_batch=n_batch, n_ubatch=n_batch, seed=seed)
+
+    def configure_context(self, cparams) -> None:
+        if self.kv_f32:
             cparams.type_k = cparams.type_v = GGML_TYPE_F32
             if hasattr(cparams, "flash_attn_type"):
                 cparams.flash_attn_type = 0  # disabled: the CPU flash-attention path rounds Q to f16
-        self.ctx = L.llama_init_from_model(self.model, cparams)
-        if not self.ctx:
-            raise MobileMoEError(f"{path}: llama.cpp could not create a context of {n_ctx} tokens")
-        self.n_batch = n_batch
-        self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
-        self.rng = np.random.default_rng(seed)
 
     def last_logits(self) -> np.ndarray:
         ptr = self.L.llama_get_logits_ith(self.ctx, -1)

@@ -38,6 +38,32 @@ def unavailable_reason() -> str:
     return _lib()[1]
 
 
+PACK_ROWS = 4096  # rows packed at a time: bounds the repacking temporaries (the LM head is 128K+ rows)
+
+
+def _pack_rows(qweight: torch.Tensor, scale: torch.Tensor, pack_linear) -> torch.Tensor:
+    """pack_linear in row chunks written into one preallocated buffer (tiles are 16 rows)."""
+    first = pack_linear(qweight[:PACK_ROWS], scale[:PACK_ROWS])
+    if qweight.shape[0] <= PACK_ROWS:
+        return first
+    out = torch.empty(((qweight.shape[0] + 15) // 16, first.shape[1]), dtype=first.dtype)
+    for r in range(0, qweight.shape[0], PACK_ROWS):
+        part = first if r == 0 else pack_linear(qweight[r:r + PACK_ROWS], scale[r:r + PACK_ROWS])
+        out[r // 16: r // 16 + part.shape[0]] = part
+    return out
+
+
+def _pack_experts(qweight: torch.Tensor, scale: torch.Tensor, pack_experts) -> tuple[torch.Tensor, torch.Tensor]:
+    """pack_experts one expert at a time into preallocated buffers."""
+    codes0, scales0 = pack_experts(qweight[:1], scale[:1])
+    E = qweight.shape[0]
+    codes = torch.empty((E, *codes0.shape[1:]), dtype=codes0.dtype)
+    scales = torch.empty((E, *scales0.shape[1:]), dtype=scales0.dtype)
+    for e in range(E):
+        codes[e:e + 1], scales[e:e + 1] = (codes0, scales0) if e == 0 else pack_experts(qweight[e:e + 1], scale[e:e + 1])
+    return codes, scales
+
+
 class NativeBackend:
     def __init__(self, path: str | os.PathLike, max_seq_len: int) -> None:
         from mobilemoe.kernels.pack import pack_experts, pack_linear
@@ -61,7 +87,7 @@ class NativeBackend:
 
         def linear(*names: str) -> torch.Tensor:  # several [out_i, in] weights fused along out
             parts = [q(n) for n in names]
-            return pack_linear(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+            return _pack_rows(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), pack_linear)
 
         def f32(name: str) -> torch.Tensor:
             return tensors[name].float()
@@ -85,8 +111,8 @@ class NativeBackend:
             ffn_gu = linear(f"{ffn}.gate_proj.weight", f"{ffn}.up_proj.weight") if has_ffn else empty
             ffn_dn = linear(f"{ffn}.down_proj.weight") if has_ffn else empty
             if cfg.is_moe_layer(i):
-                gu_codes, gu_scales = pack_experts(*q(f"{p}.feed_forward.experts.gate_up_proj"))
-                dn_codes, dn_scales = pack_experts(*q(f"{p}.feed_forward.experts.down_proj"))
+                gu_codes, gu_scales = _pack_experts(*q(f"{p}.feed_forward.experts.gate_up_proj"), pack_experts)
+                dn_codes, dn_scales = _pack_experts(*q(f"{p}.feed_forward.experts.down_proj"), pack_experts)
                 router, bias = f32(f"{p}.feed_forward.router.weight"), f32(f"{p}.feed_forward.expert_bias")
             else:
                 gu_codes = gu_scales = dn_codes = dn_scales = empty

@@ -322,8 +322,29 @@ class NativeModel {
 
   at::Tensor moe(const Layer& L, const at::Tensor& h) {
     const int64_t T = h.size(0);
-    // fp32 router scores, row chunks as pool jobs with the ATen ops inline (see attention()).
+    // fp32 router scores. One token: a plain loop (ATen's dispatch costs more than the 60 x H dots);
+    // more: row chunks as pool jobs with the ATen ops inline (see attention()).
     at::Tensor scores = at::empty({T, E}, h.options());
+    if (T == 1) {
+      const float* hp = h.data_ptr<float>();
+      const float* wr = L.router.data_ptr<float>();
+      float* sp = scores.data_ptr<float>();
+      float mx = -INFINITY;
+      for (int64_t e = 0; e < E; ++e) {
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t i = 0; i < H; ++i) acc += hp[i] * wr[e * H + i];
+        sp[e] = acc;
+        mx = std::max(mx, acc);
+      }
+      float total = 0.f;
+      for (int64_t e = 0; e < E; ++e) {
+        sp[e] = sigmoid ? 1.f / (1.f + std::exp(-sp[e])) : std::exp(sp[e] - mx);
+        total += sp[e];
+      }
+      if (!sigmoid)
+        for (int64_t e = 0; e < E; ++e) sp[e] /= total;
+    } else {
     const int64_t chunk = 64, nchunks = (T + chunk - 1) / chunk;
     mobilemoe_api::parallel_jobs(nchunks, [&](int64_t c) {
       c10::ParallelGuard inline_ops(true);
@@ -331,6 +352,7 @@ class NativeModel {
       at::Tensor logits = at::mm(h.narrow(0, r0, n), L.router.t());
       scores.narrow(0, r0, n).copy_(sigmoid ? logits.sigmoid() : logits.softmax(-1));
     });
+    }
     at::Tensor ids = at::empty({T, K}, at::TensorOptions().dtype(at::kLong));
     at::Tensor w = at::empty({T, K}, at::TensorOptions().dtype(at::kFloat));
     const float* sp = scores.data_ptr<float>();
