@@ -51,13 +51,17 @@ def evals(stage_dir: Path) -> list[dict]:
 
 
 def train_stats(stage_dir: Path) -> dict:
-    """Tokens and wall time of a stage from its metrics log (also right for a resumed, skipped stage)."""
-    steps = [r for r in metrics(stage_dir) if "loss" in r and "tokens" in r]
-    wall = steps[-1]["time"] - steps[0]["time"]
-    per_step = wall / max(len(steps) - 1, 1)
-    tokens = sum(r["tokens"] for r in steps)
-    return {"steps": len(steps), "tokens": tokens, "wall_seconds": wall + per_step,
-            "tokens_per_s": tokens / (wall + per_step), "final_val_loss": evals(stage_dir)[-1]["val_loss"]}
+    """Tokens and wall time of a stage from its metrics log (also right for a resumed, skipped stage).
+
+    Steps are logged every ``log_every`` steps, each record with that step's tokens and a timestamp.
+    """
+    logged = [r for r in metrics(stage_dir) if "loss" in r and "tokens" in r]
+    first, last = logged[0], logged[-1]
+    per_step = (last["time"] - first["time"]) / max(last["step"] - first["step"], 1)
+    wall = per_step * last["step"]
+    tokens = last["tokens"] * last["step"]  # constant tokens per step (fixed batch and sequence length)
+    return {"steps": last["step"], "tokens": tokens, "wall_seconds": wall, "tokens_per_s": tokens / wall,
+            "final_val_loss": evals(stage_dir)[-1]["val_loss"]}
 
 
 def val_loss(ckpt: Path, ids: list[int], window: int = 256) -> float:
