@@ -268,10 +268,17 @@ void run_jobs(int64_t njobs, int nworkers, const F& fn) {
 
 // Below ~1 MB of "work" (weight bytes + MACs/12, i.e. ~40 us on one core) a call runs on one
 // thread: waking and synchronising helpers would cost more than it saves.
-constexpr double kParallelWork = 1 << 20;
+// MOBILEMOE_PARALLEL_WORK overrides the threshold (read once), for tuning on other machines.
+double parallel_work_threshold() {
+  static const double v = [] {
+    const char* e = std::getenv("MOBILEMOE_PARALLEL_WORK");
+    return e ? std::atof(e) : double(1 << 20);
+  }();
+  return v;
+}
 
-int workers_for(int64_t njobs, double work = kParallelWork) {
-  if (work < kParallelWork) return 1;
+int workers_for(int64_t njobs, double work = 1e300) {
+  if (work < parallel_work_threshold()) return 1;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), njobs)));
 }
 
