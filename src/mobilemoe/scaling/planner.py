@@ -138,18 +138,22 @@ def smallest_candidate(spec: SpaceSpec, context: int = 2048, prompt: int = 1024,
     d = min(spec.d_models)
     layers = max(1, rule_layers(d, spec.aspect) + min(spec.layer_slack))
     for E, k, g, s in _groups(spec):
-        a = Arch(d_model=d, layers=layers, E=E, k=k, g=g, s=s, vocab=spec.vocab)
-        try:
-            a.check()
-        except MobileMoEError:
+        st = _feasible_stats(Arch(d_model=d, layers=layers, E=E, k=k, g=g, s=s, vocab=spec.vocab), context, prompt)
+        if st is None:
             continue
-        if not a.int4_ok():
-            continue
-        st = cached_stats(a, context, prompt)
         value = (st.int4_bytes + (st.kv_cache_bytes if count_kv else 0)) if by == "memory" else st.decode_flops_per_token
         if best is None or value < best[1]:
             best = (st, value)
     return best
+
+
+def _feasible_stats(a: Arch, context: int, prompt: int):
+    """The architecture's stats, or None if it is invalid or cannot be packed as group-32 INT4."""
+    try:
+        a.check()
+    except MobileMoEError:
+        return None
+    return cached_stats(a, context, prompt) if a.int4_ok() else None
 
 
 def evaluate_space(law: Law, tokens: float, max_bytes: int | None, max_flops: float | None,
@@ -166,13 +170,9 @@ def evaluate_space(law: Law, tokens: float, max_bytes: int | None, max_flops: fl
                 if layers < 1:
                     continue
                 a = Arch(d_model=d, layers=layers, E=E, k=k, g=g, s=s, vocab=spec.vocab)
-                try:
-                    a.check()
-                except MobileMoEError:
+                st = _feasible_stats(a, context, prompt)
+                if st is None:
                     continue
-                if not a.int4_ok():
-                    continue
-                st = cached_stats(a, context, prompt)
                 mem = st.int4_bytes + (st.kv_cache_bytes if count_kv else 0)
                 if max_bytes is not None and mem > max_bytes:
                     break  # bytes grow with d_model along this walk
