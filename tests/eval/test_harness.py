@@ -40,14 +40,15 @@ def lm_eval(monkeypatch, tmp_path):
     return pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-eval==0.4.13)")
 
 
-def test_registered_model_matches_own_scorer(lm_eval, tiny_ckpt, tiny_lm, tmp_path):
+def _harness_equals_ours(lm_eval, tiny_ckpt, tiny_lm, tmp_path, records, items):
+    """Run `records` as a local lm-eval task through the registered model; compare with our scorer."""
     import mobilemoe.eval.harness  # noqa: F401  (registers "mobilemoe")
     from lm_eval.tasks import TaskManager
 
-    from mobilemoe.eval import MCItem, evaluate_mc, score_items
+    from mobilemoe.eval import evaluate_mc, score_items
 
     data = tmp_path / "items.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ITEMS))
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
     tasks_dir = tmp_path / "tasks"
     tasks_dir.mkdir()
     (tasks_dir / "local_mc.yaml").write_text(YAML.format(path=data))
@@ -56,9 +57,6 @@ def test_registered_model_matches_own_scorer(lm_eval, tiny_ckpt, tiny_lm, tmp_pa
                                   tasks=["mobilemoe_local_mc"], task_manager=TaskManager(include_path=str(tasks_dir)),
                                   log_samples=True, bootstrap_iters=0)
     got = out["results"]["mobilemoe_local_mc"]
-
-    items = [MCItem([r["query"]] * len(r["choices"]), [" " + c for c in r["choices"]], r["gold"], r["choices"])
-             for r in ITEMS]
     ours = evaluate_mc(tiny_lm, "local", items)
     assert got["acc,none"] == pytest.approx(ours.acc)
     assert got["acc_norm,none"] == pytest.approx(ours.acc_norm)
@@ -68,6 +66,28 @@ def test_registered_model_matches_own_scorer(lm_eval, tiny_ckpt, tiny_lm, tmp_pa
     for s, mine in zip(samples, scores):
         theirs = [float(r[0][0]) for r in s["resps"]]
         assert theirs == pytest.approx(mine.logprobs, abs=1e-4)
+
+
+def test_registered_model_matches_own_scorer(lm_eval, tiny_ckpt, tiny_lm, tmp_path):
+    from mobilemoe.eval import MCItem
+
+    items = [MCItem([r["query"]] * len(r["choices"]), [" " + c for c in r["choices"]], r["gold"], r["choices"])
+             for r in ITEMS]
+    _harness_equals_ours(lm_eval, tiny_ckpt, tiny_lm, tmp_path, ITEMS, items)
+
+
+@pytest.mark.parametrize("task", ["arc_easy", "piqa"])
+def test_harness_equals_ours_on_real_items(lm_eval, tiny_ckpt, tiny_lm, tmp_path, task):
+    """The first 20 items of the local arc_easy / piqa files, as our readers build them."""
+    from mobilemoe.eval.tasks import get_task, load_task_items, task_path
+
+    if not task_path(get_task(task)).exists():
+        pytest.skip(f"{task} data not found beside the checkout (shared/data)")
+    items = load_task_items(task, limit=20)
+    assert all(len(set(i.contexts)) == 1 for i in items)  # one context per item: a query/choices task
+    records = [{"query": i.contexts[0], "choices": [c[1:] for c in i.continuations], "gold": i.gold} for i in items]
+    assert all(c == " " + t for i in items for c, t in zip(i.continuations, i.choice_texts))
+    _harness_equals_ours(lm_eval, tiny_ckpt, tiny_lm, tmp_path, records, items)
 
 
 def test_cli_entry_point(lm_eval, tiny_ckpt, tmp_path, capsys):
