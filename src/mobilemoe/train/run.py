@@ -306,10 +306,8 @@ def build_model_config_vocab(recipe: Recipe) -> int:
     return int(m.overrides.get("vocab_size", cfg.vocab_size))
 
 
-def _export_int4(final_dir: Path, out: Path) -> str | None:
-    try:
-        from mobilemoe.quant.convert import quantize_checkpoint
-    except ImportError:
-        return None
+def _export_int4(final_dir: Path, out: Path) -> str:
+    from mobilemoe.quant.convert import quantize_checkpoint
+
     quantize_checkpoint(final_dir, out, overwrite=True)
     return str(out)
