@@ -106,14 +106,20 @@ def save_tensors(tensors: dict[str, torch.Tensor], cfg: MobileMoEConfig, out_dir
     return out
 
 
+def cast_floating(cfg: MobileMoEConfig, state: Mapping[str, torch.Tensor],
+                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Cast every floating tensor to ``dtype`` except the routers, which always stay fp32."""
+    routers = {s.name for s in tensor_specs(cfg) if s.role == "router"}
+    return {k: (v if k in routers or not v.is_floating_point() else v.to(dtype)) for k, v in state.items()}
+
+
 def save_checkpoint(model: torch.nn.Module, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Save a (float) model. ``dtype`` casts floating tensors on the way out; routers stay fp32."""
     cfg: MobileMoEConfig = model.config
     state = model.state_dict()
     if dtype is not None:
-        routers = {s.name for s in tensor_specs(cfg) if s.role == "router"}
-        state = {k: (v if k in routers or not v.is_floating_point() else v.to(dtype)) for k, v in state.items()}
+        state = cast_floating(cfg, state, dtype)
         cfg = cfg.replace(torch_dtype=str(dtype).removeprefix("torch."))
     return save_tensors(state, cfg, out_dir, max_shard_bytes)
 
@@ -295,8 +301,7 @@ def load_model(ckpt_dir: str | os.PathLike, dtype: torch.dtype | None = None):
     if dtype is None and cfg.is_quantized:
         dtype = torch.float32
     if dtype is not None:
-        routers = {s.name for s in tensor_specs(cfg) if s.role == "router"}
-        state = {k: (v if k in routers or not v.is_floating_point() else v.to(dtype)) for k, v in state.items()}
+        state = cast_floating(cfg, state, dtype)
     with torch.device("meta"):
         model = MobileMoEForCausalLM(cfg)
     model.load_state_dict(state, strict=True, assign=True)

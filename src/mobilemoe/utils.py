@@ -34,3 +34,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def read_yaml(path: Path, error: type[Exception], what: str, syntax: str = "YAML"):
+    """Parse a YAML (or JSON) file, raising ``error`` naming the file if it is missing or malformed."""
+    import yaml
+
+    if not path.is_file():
+        raise error(f"{path}: no such {what} file")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid {syntax}: {exc}") from None

@@ -30,6 +30,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from mobilemoe.errors import MobileMoEError
+from mobilemoe.utils import read_yaml
 
 PARAM_NAMES = ("a", "alpha", "b", "beta", "c", "delta", "gamma", "omega", "zeta")
 E_TERMS = ("delta", "gamma", "omega", "zeta")
@@ -208,15 +209,8 @@ def law_from_dict(data: Any, source: str = "law") -> Law:
 
 def load_law(path: str | os.PathLike | None = None) -> Law:
     """Read a law file (YAML or JSON); ``None`` reads the shipped default constants."""
-    import yaml
-
     path = Path(path) if path is not None else DEFAULT_LAW_FILE
-    if not path.is_file():
-        raise LawError(f"{path}: no such law file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise LawError(f"{path}: not valid YAML/JSON: {exc}") from None
+    data = read_yaml(path, LawError, "law", syntax="YAML/JSON")
     return law_from_dict(data, source=str(path))
 
 

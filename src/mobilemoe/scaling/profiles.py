@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from mobilemoe.errors import MobileMoEError
+from mobilemoe.utils import read_yaml
 
 PROFILE_ENV = "MOBILEMOE_PROFILES"
 BUILTIN_PROFILES = Path(__file__).resolve().parent / "profiles"  # shipped with the package
@@ -142,15 +143,8 @@ def profile_from_dict(data: Any, where: str = "profile") -> DeviceProfile:
 
 
 def load_profile(path: str | os.PathLike) -> DeviceProfile:
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise ProfileError(f"{path}: no such profile file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ProfileError(f"{path}: not valid YAML: {exc}") from None
+    data = read_yaml(path, ProfileError, "profile")
     return profile_from_dict(data, str(path))
 
 

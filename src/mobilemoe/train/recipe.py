@@ -32,6 +32,7 @@ from typing import Any, Union
 
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.train.trainer import TrainConfig
+from mobilemoe.utils import read_yaml
 
 STAGE_KINDS = ("pretrain", "midtrain", "sft", "qat")
 DATA_FORMATS = ("text", "chat", "gsm8k")
@@ -260,15 +261,8 @@ def recipe_from_dict(data: Any, source: str = "") -> Recipe:
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read and check a recipe YAML file."""
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: no such recipe file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    data = read_yaml(path, RecipeError, "recipe")
     recipe = recipe_from_dict(data, source=str(path))
     recipe.source_path = str(path)
     return recipe
