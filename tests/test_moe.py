@@ -76,3 +76,28 @@ def test_unchosen_experts_get_no_gradient():
     y.sum().backward()
     grad = block.experts.gate_up_proj.grad
     assert grad[:4].abs().sum() > 0 and grad[4:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_gemm_dispatch_equals_per_expert_loop(dtype, monkeypatch):
+    """The grouped-GEMM path (one _grouped_mm per projection) gives the per-expert loop's outputs
+    and gradients, under autocast too (where _grouped_mm needs its operands cast by hand)."""
+    import mobilemoe.moe as moe
+
+    if not moe._HAS_GROUPED_MM:
+        pytest.skip("this torch has no _grouped_mm")
+    block = _block("tiny-moe")
+    x = torch.randn(2, 9, block.cfg.hidden_size)
+    results = []
+    for grouped in (True, False):
+        monkeypatch.setattr(moe, "_HAS_GROUPED_MM", grouped)
+        block.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            assert block.experts._grouped_ok(x.reshape(-1, x.shape[-1])) == grouped
+            y, _ = block(x)
+        (y.float() ** 2).sum().backward()
+        results.append((y.detach().float(), block.experts.gate_up_proj.grad.clone(),
+                        block.experts.down_proj.grad.clone()))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)

@@ -8,9 +8,12 @@ Routing (MobileMoE, ``router_type="sigmoid"``), per token with hidden state h:
 
 ``router_type="softmax"`` (Mixtral/Qwen style) uses p = softmax(logits) in place of s.
 
-Dispatch groups tokens by expert: one stable argsort of the (token, slot) assignments, then one
-matmul per expert over its contiguous slice of tokens (the mlx-lm ``switch_layers`` idea). There is
-never a Python loop over tokens.
+Dispatch groups tokens by expert: one stable argsort of the (token, slot) assignments, then every
+expert runs over its contiguous slice of tokens (the mlx-lm ``switch_layers`` idea). With
+``torch._grouped_mm`` that is one grouped GEMM for all experts' gate/up and one for their down
+projections (forward and backward), so the cost does not grow with a Python loop over experts; where
+it cannot run (old torch, unaligned widths, dtypes it refuses) a loop with one matmul per used
+expert computes the same thing. There is never a Python loop over tokens.
 """
 
 from __future__ import annotations
@@ -48,9 +51,21 @@ class StackedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden, 2 * width))
         self.down_proj = nn.Parameter(torch.empty(num_experts, width, hidden))
 
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [E, H, 2I], down [E, I, H]) as the forward uses them (QAT fake-quantizes here)."""
+        return self.gate_up_proj, self.down_proj
+
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        """Hook on each expert matmul's input (identity; QAT fake-quantizes activations here)."""
+        return x
+
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = (x @ self.gate_up_proj[e]).split(self.width, dim=-1)
-        return (F.silu(gate) * up) @ self.down_proj[e]
+        gate_up, down = self.expert_weights()
+        return self._swiglu(x, gate_up[e], down[e])
+
+    def _swiglu(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        gate, up = (self.activation(x) @ gate_up).split(self.width, dim=-1)
+        return self.activation(F.silu(gate) * up) @ down
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, H]; expert_ids, weights [N, k]. Returns sum_j weights[:, j] * expert_{ids[:, j]}(x)."""
@@ -58,19 +73,62 @@ class StackedExperts(nn.Module):
         flat_ids = expert_ids.reshape(-1)
         order = torch.argsort(flat_ids, stable=True)  # group the N*k assignments by expert
         token_of = order // k
-        counts = torch.bincount(flat_ids, minlength=self.gate_up_proj.shape[0]).tolist()
-        x_sorted = x[token_of]
+        counts = torch.bincount(flat_ids, minlength=self.gate_up_proj.shape[0])
+        # index_select, not x[token_of]: its backward is an index_add, while advanced indexing's
+        # backward is an accumulating index_put that sorts and runs ~5x slower on CPU.
+        x_sorted = x.index_select(0, token_of)
         w_sorted = weights.reshape(-1)[order].unsqueeze(-1).to(x.dtype)
+        gate_up, down = self.expert_weights()  # once per forward, whichever experts are used
+        if self._grouped_ok(x_sorted):
+            y_sorted = self._grouped_forward(x_sorted, counts, gate_up, down)
+        else:
+            y_sorted = self._looped_forward(x_sorted, counts.tolist(), gate_up, down)
+        return torch.zeros_like(x).index_add_(0, token_of, y_sorted * w_sorted)
+
+    def _grouped_ok(self, x_sorted: torch.Tensor) -> bool:
+        # _grouped_mm needs 16-byte aligned row strides and one dtype for both operands; autocast
+        # does not cover it, so under autocast the operands are cast by hand in _grouped_forward.
+        if not _HAS_GROUPED_MM or x_sorted.shape[0] == 0:
+            return False
+        dtype = _compute_dtype(x_sorted)
+        if dtype not in (torch.float32, torch.bfloat16):
+            return False
+        elems = 16 // torch.tensor([], dtype=dtype).element_size()
+        hidden, width = self.gate_up_proj.shape[1], self.width
+        return hidden % elems == 0 and width % elems == 0
+
+    def _grouped_forward(self, x_sorted: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor,
+                         down: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(x_sorted)
+        offs = counts.cumsum(0).to(torch.int32)
+        with torch.autocast(device_type=x_sorted.device.type, enabled=False):
+            xs = self.activation(x_sorted.to(dtype))
+            g_u = torch._grouped_mm(xs, gate_up.to(dtype), offs=offs)
+            gate, up = g_u.split(self.width, dim=-1)
+            hidden = self.activation((F.silu(gate) * up).contiguous())
+            return torch._grouped_mm(hidden, down.to(dtype), offs=offs)
+
+    def _looped_forward(self, x_sorted: torch.Tensor, counts: list[int], gate_up: torch.Tensor,
+                        down: torch.Tensor) -> torch.Tensor:
         outputs = []
         start = 0
         for e, count in enumerate(counts):
             if count == 0:
                 continue  # an expert no token chose is never touched
             end = start + count
-            outputs.append(self.expert_forward(e, x_sorted[start:end]))
+            outputs.append(self._swiglu(x_sorted[start:end], gate_up[e], down[e]))
             start = end
-        y_sorted = torch.cat(outputs, dim=0) * w_sorted
-        return torch.zeros_like(x).index_add_(0, token_of, y_sorted)
+        return torch.cat(outputs, dim=0)
+
+
+_HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on ``x`` runs in: the autocast dtype when autocast is on, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 @dataclass

@@ -143,27 +143,17 @@ class QATEmbedding(nn.Embedding):
 class QATStackedExperts(StackedExperts):
     """Routed experts computed with INT4 fake-quantized [E, in, out] weights (grouped along ``out``).
 
-    The weights are fake-quantized once per forward (all experts, so the numbers never depend on
-    which experts a batch happens to use); the dispatch is the parent's.
+    The parent's forward asks for the weights once per forward (all experts are fake-quantized, so
+    the numbers never depend on which experts a batch happens to use); the dispatch is the parent's.
     """
 
     qat_activations = "none"
-    _qat_weights: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def qat_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         return fake_quantize_ste(self.gate_up_proj), fake_quantize_ste(self.down_proj)
 
-    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        self._qat_weights = self.qat_weights()
-        try:
-            return super().forward(x, expert_ids, weights)
-        finally:
-            self._qat_weights = None
-
-    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate_up, down = self._qat_weights if self._qat_weights is not None else self.qat_weights()
-        gate, up = (_act(self, x) @ gate_up[e]).split(self.width, dim=-1)
-        return _act(self, F.silu(gate) * up) @ down[e]
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        return _act(self, x)
 
 
 class QATMobileMoEForCausalLM(MobileMoEForCausalLM):
@@ -242,7 +232,6 @@ def remove_qat(model: nn.Module) -> nn.Module:
         if base is not None:
             module.__class__ = base
             module.__dict__.pop("qat_activations", None)
-            module.__dict__.pop("_qat_weights", None)
     return model
 
 
