@@ -43,11 +43,15 @@ def test_expert_store_reads_match_simulation(mobilemoe_dir, tmp_path):
         assert stats["misses"] == sim and stats["hits"] + stats["misses"] == tr.ids.size
         per_expert = store.index["layers"][str(moe_layers[0])][0]["nbytes"]
         assert stats["bytes_read"] == sim * per_expert and stats["read_seconds"] > 0
-        # the bytes read back are the checkpoint's packed INT4 tensors
+        # the bytes read back are the checkpoint's INT4 expert, in the kernels' packed layout
+        from mobilemoe.kernels.pack import pack_experts
+
         got = store.get(moe_layers[0], 5)
         p = f"model.layers.{moe_layers[0]}.feed_forward.experts"
-        assert torch.equal(got["gate_up_qweight"], tensors[f"{p}.gate_up_qweight"][5])
-        assert torch.equal(got["down_scale"], tensors[f"{p}.down_scale"][5])
+        gu_codes, gu_scales = pack_experts(tensors[f"{p}.gate_up_qweight"][5:6], tensors[f"{p}.gate_up_scale"][5:6])
+        dn_codes, dn_scales = pack_experts(tensors[f"{p}.down_qweight"][5:6], tensors[f"{p}.down_scale"][5:6])
+        assert torch.equal(got["gu_codes"], gu_codes[0]) and torch.equal(got["gu_scales"], gu_scales[0])
+        assert torch.equal(got["dn_codes"], dn_codes[0]) and torch.equal(got["dn_scales"], dn_scales[0])
     with ExpertStore(store_dir, capacity=8, byte_budget=2 * per_expert) as small:
         small.replay(tr.ids, moe_layers)
         assert small.bytes_cached <= 2 * per_expert

@@ -5,29 +5,13 @@ import json
 import pytest
 import torch
 
-from mobilemoe.checkpoint import load_model, save_checkpoint
-from mobilemoe.config import ConfigError, preset
+from mobilemoe.checkpoint import load_model
+from mobilemoe.config import ConfigError
 from mobilemoe.errors import MobileMoEError
-from mobilemoe.model import MobileMoEForCausalLM
-from mobilemoe.quant import quantize_checkpoint
 from mobilemoe.runtime import Engine, SamplingParams
 from mobilemoe.runtime import native
 
 BACKENDS = ["reference"] + (["native"] if native.is_available() else [])
-
-
-def _int4_checkpoint(root, name: str, seed: int, **overrides):
-    """A float and an INT4 checkpoint of a seeded random preset; returns the INT4 directory."""
-    model = MobileMoEForCausalLM(preset(name, max_position_embeddings=64, **overrides))
-    model.reset_parameters(seed=seed)
-    save_checkpoint(model, root / "float")
-    quantize_checkpoint(root / "float", root / "int4")
-    return root / "int4"
-
-
-@pytest.fixture(scope="module")
-def int4_ckpt(tmp_path_factory):
-    return _int4_checkpoint(tmp_path_factory.mktemp("engine"), "tiny-moe", seed=1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -44,10 +28,10 @@ def test_incremental_decode_equals_full_forward(int4_ckpt, backend):
 
 
 @pytest.fixture(scope="module", params=["tiny-dense", "tiny-moe-softmax"])
-def variant_ckpt(request, tmp_path_factory):
+def variant_ckpt(request, make_int4_checkpoint):
     """Dense layers, softmax routing without a shared expert, untied head: the other code paths."""
     step = {} if request.param == "tiny-dense" else {"interleave_moe_layer_step": 2}
-    return _int4_checkpoint(tmp_path_factory.mktemp(request.param), request.param, seed=2, **step)
+    return make_int4_checkpoint(request.param, seed=2, **step)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

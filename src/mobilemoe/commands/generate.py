@@ -18,6 +18,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    o = p.add_argument_group("expert offloading (native runtime, MoE models)")
+    o.add_argument("--cache-experts", type=int, metavar="C",
+                   help="keep routed experts on storage and cache C per MoE layer in RAM (top-k <= C <= experts)")
+    o.add_argument("--max-memory", metavar="SIZE",
+                   help="offload experts and cache as many as fit SIZE (e.g. 300MB, 1.5GB) of model memory: "
+                        "non-expert weights + KV cache + expert slots (the Python process adds its own)")
+    o.add_argument("--expert-store", metavar="DIR",
+                   help="expert store directory (default MODEL/expert-store; written on first use)")
+    o.add_argument("--keep-page-cache", action="store_true",
+                   help="let the OS page cache keep expert reads (default: drop them, so misses hit storage)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,9 +54,47 @@ def _engine_and_sampling(args):
     from mobilemoe.runtime.engine import Engine
     from mobilemoe.runtime.sampling import SamplingParams
 
-    engine = Engine.load(args.model, max_seq_len=args.max_seq_len, backend=args.backend)
+    engine = Engine.load(args.model, max_seq_len=args.max_seq_len, backend=args.backend, offload=_offload(args))
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     return engine, sampling
+
+
+def parse_size(text: str) -> int:
+    """'300MB', '1.5GB', '512MiB', '2e9' -> bytes."""
+    from mobilemoe.errors import MobileMoEError
+
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    t = text.strip().lower()
+    for unit, mult in units.items():
+        if t.endswith(unit):
+            t, scale = t[: -len(unit)], mult
+            break
+    else:
+        scale = 1
+    try:
+        value = float(t) * scale
+    except ValueError:
+        raise MobileMoEError(f"--max-memory: expected a size like 300MB or 1.5GB, got {text!r}") from None
+    if value <= 0:
+        raise MobileMoEError(f"--max-memory: must be positive, got {text!r}")
+    return int(value)
+
+
+def _offload(args):
+    if args.cache_experts is None and args.max_memory is None:
+        if args.expert_store:
+            from mobilemoe.errors import MobileMoEError
+
+            raise MobileMoEError("--expert-store needs --cache-experts or --max-memory")
+        return None
+    from mobilemoe.errors import MobileMoEError
+    from mobilemoe.runtime.offload import ExpertOffload
+
+    if args.cache_experts is not None and args.max_memory is not None:
+        raise MobileMoEError("give --cache-experts or --max-memory, not both")
+    return ExpertOffload(capacity=args.cache_experts,
+                         max_memory=parse_size(args.max_memory) if args.max_memory else None,
+                         store_dir=args.expert_store, drop_page_cache=not args.keep_page_cache)
 
 
 def _stop_ids(engine, chat: bool) -> list[int]:
@@ -105,6 +153,8 @@ def run_generate(args: argparse.Namespace) -> int:
         "prefill_tok_s": round(result.prefill_tok_s, 1), "decode_tok_s": round(result.decode_tok_s, 1),
         "backend": type(engine.backend).__name__,
     }
+    if getattr(engine.backend, "capacity", None) is not None:
+        record["offload"] = engine.backend.offload_stats()
     if engine.tokenizer is not None:
         record["text"] = engine.tokenizer.decode(result.ids)
     if args.json:
@@ -112,6 +162,10 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         print(f"\n[{len(prompt)} prompt tokens, TTFT {result.ttft_s * 1e3:.0f} ms; {len(result.ids)} tokens at "
               f"{result.decode_tok_s:.1f} tok/s; {record['backend']}]", file=sys.stderr)
+        if "offload" in record:
+            st = record["offload"]
+            print(f"[experts offloaded, {st['capacity']} cached per layer: {st['hits']} hits, {st['misses']} misses, "
+                  f"{st['bytes_read'] / 1e6:.1f} MB read in {st['read_seconds'] * 1e3:.0f} ms]", file=sys.stderr)
     return 0
 
 

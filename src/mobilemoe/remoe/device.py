@@ -9,14 +9,15 @@ The storage profiles are nominal datasheet-class figures (random-read latency, s
 bandwidth); ``measure_local_disk`` measures this machine with ``os.pread`` after dropping the file
 from the page cache (``posix_fadvise DONTNEED``, best effort).
 
-:class:`ExpertStore` is the storage half of an offloading runtime: one file with each expert's packed
-INT4 bytes contiguous (codes + scales of gate_up and down), read with ``os.pread`` into a RAM cache of
-at most C experts per layer and a byte budget, counting real read time and bytes.
+:class:`ExpertStore` replays a routing trace against the expert store of
+:mod:`mobilemoe.runtime.offload` (one file, each expert's packed INT4 bytes contiguous), reading with
+``os.pread`` into a Python RAM cache of at most C experts per layer and a byte budget, counting real
+read time and bytes. It measures storage alone; the native offloading runtime
+(``Engine.load(..., offload=ExpertOffload(...))``) measures real decode with the same file.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import OrderedDict
@@ -110,45 +111,9 @@ def measure_local_disk(path: str | Path | None = None, size_mb: int = 64, block_
 
 
 # ---------------------------------------------------------------------- the expert store
-STORE_FILE = "experts.bin"
-STORE_INDEX = "experts.json"
-_PARTS = ("gate_up_qweight", "gate_up_scale", "down_qweight", "down_scale")
-
-
-def write_expert_store(int4_ckpt: str | Path, out_dir: str | Path, align: int = 4096) -> Path:
-    """Lay out every routed expert of an INT4 MobileMoE checkpoint contiguously (page aligned)."""
-    from mobilemoe.checkpoint import load_tensors
-
-    cfg, tensors = load_tensors(int4_ckpt)
-    if not cfg.is_quantized:
-        raise MobileMoEError(f"{int4_ckpt}: not an INT4 checkpoint (quantize it first: mobilemoe quantize)")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    index = {"align": align, "num_experts": cfg.num_local_experts, "layers": {}, "parts": list(_PARTS)}
-    off = 0
-    with open(out / STORE_FILE, "wb") as fh:
-        for i in range(cfg.num_hidden_layers):
-            if not cfg.is_moe_layer(i):
-                continue
-            p = f"model.layers.{i}.feed_forward.experts"
-            entries = []
-            for e in range(cfg.num_local_experts):
-                parts, blob = [], b""
-                for name in _PARTS:
-                    t = tensors[f"{p}.{name}"][e].contiguous()
-                    b = t.view(torch.uint8).numpy().tobytes()
-                    parts.append({"name": name, "dtype": str(t.dtype).removeprefix("torch."),
-                                  "shape": list(t.shape), "offset": len(blob), "nbytes": len(b)})
-                    blob += b
-                pad = (-off) % align
-                fh.write(b"\0" * pad)
-                off += pad
-                entries.append({"offset": off, "nbytes": len(blob), "parts": parts})
-                fh.write(blob)
-                off += len(blob)
-            index["layers"][str(i)] = entries
-    (out / STORE_INDEX).write_text(json.dumps(index) + "\n")
-    return out
+# The store format (one page-aligned packed record per expert) belongs to the runtime; the native
+# offloading runtime reads the same file (mobilemoe.runtime.offload).
+from mobilemoe.runtime.offload import STORE_FILE, read_store_index, write_expert_store  # noqa: E402
 
 
 class ExpertStore:
@@ -158,7 +123,7 @@ class ExpertStore:
     def __init__(self, store_dir: str | Path, capacity: int, byte_budget: int | None = None,
                  drop_page_cache: bool = False) -> None:
         d = Path(store_dir)
-        self.index = json.loads((d / STORE_INDEX).read_text())
+        self.index = read_store_index(d)
         self.fd = os.open(d / STORE_FILE, os.O_RDONLY)
         self.capacity, self.byte_budget = capacity, byte_budget
         self.cache: dict[int, OrderedDict] = {}

@@ -9,6 +9,9 @@ streaming, timing); the forward itself comes from a backend with three methods
 * ``reference``: :class:`mobilemoe.model.MobileMoEForCausalLM` on the exactly-decoded weights
   (:func:`mobilemoe.checkpoint.load_model`). Slow; the correctness reference and the fallback
   when the extension is not built.
+
+With an :class:`~mobilemoe.runtime.offload.ExpertOffload` the native backend keeps routed experts on
+storage and caches C per MoE layer in RAM (:mod:`mobilemoe.runtime.offload`).
 """
 
 from __future__ import annotations
@@ -17,13 +20,16 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import torch
 
 from mobilemoe.config import MobileMoEConfig
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.runtime.sampling import Sampler, SamplingParams
+
+if TYPE_CHECKING:
+    from mobilemoe.runtime.offload import ExpertOffload
 
 
 class Backend(Protocol):
@@ -83,7 +89,10 @@ class Engine:
         self.position = 0  # tokens in the KV cache
 
     @classmethod
-    def load(cls, path: str | os.PathLike, max_seq_len: int | None = None, backend: str = "auto") -> "Engine":
+    def load(cls, path: str | os.PathLike, max_seq_len: int | None = None, backend: str = "auto",
+             offload: "ExpertOffload | None" = None) -> "Engine":
+        """Open a checkpoint. ``backend``: auto (native for INT4 when built), native or reference.
+        ``offload``: keep routed experts on storage with a RAM cache (native backend only)."""
         from mobilemoe.checkpoint import CheckpointError
 
         path = Path(path)
@@ -91,7 +100,7 @@ class Engine:
         if cfg is None:
             raise CheckpointError(f"{path}: not a checkpoint directory")
         max_seq_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        impl = _make_backend(path, cfg, max_seq_len, backend)
+        impl = _make_backend(path, cfg, max_seq_len, backend, offload)
         return cls(impl, _load_tokenizer(path))
 
     # ------------------------------------------------------------------ checks
@@ -172,9 +181,19 @@ def _load_tokenizer(path: Path):
     return Tokenizer.load(path)
 
 
-def _make_backend(path: Path, cfg: MobileMoEConfig, max_seq_len: int, backend: str) -> Backend:
+def _make_backend(path: Path, cfg: MobileMoEConfig, max_seq_len: int, backend: str,
+                  offload: "ExpertOffload | None" = None) -> Backend:
     if backend not in ("auto", "native", "reference"):
         raise MobileMoEError(f"unknown backend {backend!r}: choose auto, native or reference")
+    if offload is not None:
+        from mobilemoe.runtime import native
+
+        if backend == "reference" or not cfg.is_quantized:
+            raise MobileMoEError(f"{path}: expert offloading runs in the native runtime on an INT4 checkpoint "
+                                 f"({'the reference backend was asked for' if cfg.is_quantized else 'this one is float; run mobilemoe quantize'})")
+        if not native.is_available():
+            raise MobileMoEError(f"expert offloading needs the native kernels: {native.unavailable_reason()}")
+        return native.NativeBackend(path, max_seq_len, offload)
     if backend == "reference":
         return ReferenceBackend(path, max_seq_len)
     from mobilemoe.runtime import native

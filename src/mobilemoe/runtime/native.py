@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -18,6 +18,9 @@ from mobilemoe.checkpoint import load_tensors, mmap_tensor, quantized_names
 from mobilemoe.config import MobileMoEConfig
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.layout import spec_map
+
+if TYPE_CHECKING:
+    from mobilemoe.runtime.offload import ExpertOffload
 
 
 def _lib():
@@ -65,9 +68,13 @@ def _pack_experts(qweight: torch.Tensor, scale: torch.Tensor, pack_experts) -> t
 
 
 class NativeBackend:
-    def __init__(self, path: str | os.PathLike, max_seq_len: int) -> None:
+    """The INT4 model in ``mobilemoe._C.NativeModel``. With ``offload``, routed experts stay in the
+    expert store on storage and each MoE layer caches C of them in RAM (:mod:`.offload`)."""
+
+    def __init__(self, path: str | os.PathLike, max_seq_len: int, offload: "ExpertOffload | None" = None) -> None:
         from mobilemoe.kernels.pack import pack_experts, pack_linear
         from mobilemoe.model import rope_inv_freq
+        from mobilemoe.runtime import offload as off
 
         _C, reason = _lib()
         if _C is None:
@@ -79,6 +86,12 @@ class NativeBackend:
             raise MobileMoEError(f"{path}: attention biases are not supported by the native runtime")
         self.config: MobileMoEConfig = cfg.replace(quantization=None)
         self.max_seq_len = max_seq_len
+        self.capacity: int | None = None  # experts cached per MoE layer when offloading
+        store_index: dict | None = None
+        if offload is not None:
+            self.capacity = off.resolve_capacity(cfg, offload, max_seq_len)
+            self.store_dir = off.ensure_store(path, cfg, offload.store_dir)
+            store_index = off.read_store_index(self.store_dir, cfg)
         specs = spec_map(cfg)
 
         def q(name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +123,10 @@ class NativeBackend:
             has_ffn = not cfg.is_moe_layer(i) or cfg.num_shared_experts > 0
             ffn_gu = linear(f"{ffn}.gate_proj.weight", f"{ffn}.up_proj.weight") if has_ffn else empty
             ffn_dn = linear(f"{ffn}.down_proj.weight") if has_ffn else empty
-            if cfg.is_moe_layer(i):
+            if cfg.is_moe_layer(i) and store_index is not None:  # empty slots, filled on demand
+                gu_codes, gu_scales, dn_codes, dn_scales = off.slot_tensors(store_index, i, self.capacity)
+                router, bias = f32(f"{p}.feed_forward.router.weight"), f32(f"{p}.feed_forward.expert_bias")
+            elif cfg.is_moe_layer(i):
                 gu_codes, gu_scales = _pack_experts(*q(f"{p}.feed_forward.experts.gate_up_proj"), pack_experts)
                 dn_codes, dn_scales = _pack_experts(*q(f"{p}.feed_forward.experts.down_proj"), pack_experts)
                 router, bias = f32(f"{p}.feed_forward.router.weight"), f32(f"{p}.feed_forward.expert_bias")
@@ -121,6 +137,20 @@ class NativeBackend:
             self.model.add_layer(f32(f"{p}.input_layernorm.weight"), f32(f"{p}.post_attention_layernorm.weight"),
                                  linear(*attn[:3]), linear(attn[3]), cfg.uses_rope(i), cfg.is_moe_layer(i),
                                  router, bias, gu_codes, gu_scales, dn_codes, dn_scales, ffn_gu, ffn_dn, width)
+        if store_index is not None:
+            self.model.open_expert_store(str(self.store_dir / off.STORE_FILE), offload.drop_page_cache)
+            for i in range(cfg.num_hidden_layers):
+                if cfg.is_moe_layer(i):
+                    self.model.offload_layer(i, off.record_offsets(store_index, i))
+
+    def offload_stats(self) -> dict:
+        """Expert-cache counters since the last reset: hits, misses, bytes_read, read_seconds."""
+        st = self.model.offload_stats()
+        return {"hits": int(st["hits"]), "misses": int(st["misses"]), "bytes_read": int(st["bytes_read"]),
+                "read_seconds": st["read_seconds"], "capacity": self.capacity}
+
+    def reset_offload_stats(self) -> None:
+        self.model.reset_offload_stats()
 
     def reset(self) -> None:
         pass  # positions are explicit; stale cache entries past the new position are never read

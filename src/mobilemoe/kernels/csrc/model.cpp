@@ -14,7 +14,13 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
+#include <fcntl.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
 
 #include <algorithm>
 #include <chrono>
@@ -36,6 +42,19 @@ struct Layer {
   at::Tensor gu_codes, gu_scales, dn_codes, dn_scales;  // packed experts
   at::Tensor ffn_gu, ffn_dn;                          // packed shared expert / dense FFN (fused gate|up)
   int64_t ffn_width = 0;                              // S (0: no shared expert)
+  // Offloaded routed experts: the four tensors above hold C cache slots instead of all E experts,
+  // and a slot is filled from the expert store file on a miss (see NativeModel::offload_layer).
+  bool offloaded = false;
+  std::vector<int64_t> record_offset;  // per expert: byte offset of its record in the store file
+  std::vector<int64_t> slot_of;        // expert -> slot, or -1
+  std::vector<int64_t> expert_of;      // slot -> expert, or -1 (free)
+  std::vector<int64_t> last_use;       // slot -> access clock (LRU)
+};
+
+// Counters of the offloading runtime (all offloaded layers together).
+struct OffloadStats {
+  int64_t hits = 0, misses = 0, bytes_read = 0;
+  double read_seconds = 0.0;
 };
 
 void rms_norm_rows(const float* x, const float* w, float* y, int64_t T, int64_t H, float eps) {
@@ -197,7 +216,7 @@ class NativeModel {
     at::Tensor h = at::empty({T, H}, x.options());
     prof.stop("embed");
     for (size_t li = 0; li < layers.size(); ++li) {
-      const Layer& L = layers[li];
+      Layer& L = layers[li];
       rms_norm_rows(x.data_ptr<float>(), L.in_norm.data_ptr<float>(), h.data_ptr<float>(), T, H, eps);
       prof.stop("norm");
       x.add_(attention(li, h, start));
@@ -221,6 +240,51 @@ class NativeModel {
     prof.seconds.clear();
   }
   std::map<std::string, double> profile() const { return prof.seconds; }
+
+  ~NativeModel() {
+    if (store_fd >= 0) ::close(store_fd);
+  }
+
+  // The expert store: one file holding every routed expert's packed bytes as one record
+  // (gate_up codes | gate_up scales | down codes | down scales), read with preadv into cache slots.
+  // drop_page_cache: after each read, tell the kernel to drop those pages (POSIX_FADV_DONTNEED), so
+  // the next miss on that expert reads the storage device again instead of RAM.
+  void open_expert_store(const std::string& path, bool drop_page_cache) {
+    TORCH_CHECK(store_fd < 0, "an expert store is already open");
+    store_fd = ::open(path.c_str(), O_RDONLY);
+    TORCH_CHECK(store_fd >= 0, "cannot open the expert store ", path, ": ", std::strerror(errno));
+    drop_cache = drop_page_cache;
+  }
+
+  // Layer li keeps its routed experts on storage: its expert tensors (given to add_layer) are C
+  // cache slots, record_offsets [E] the byte offset of each expert's record in the store file.
+  void offload_layer(int64_t li, const at::Tensor& record_offsets) {
+    TORCH_CHECK(store_fd >= 0, "open_expert_store first");
+    TORCH_CHECK(li >= 0 && li < (int64_t)layers.size() && layers[li].moe, "layer ", li, " is not an MoE layer");
+    Layer& L = layers[li];
+    at::Tensor offs = record_offsets.to(at::kLong).contiguous();
+    TORCH_CHECK(offs.dim() == 1 && offs.size(0) == E, "record_offsets must be int64 [", E, "]");
+    const int64_t C = L.gu_codes.size(0);
+    TORCH_CHECK(C >= K && C <= E, "expert cache capacity ", C, " must be in [top_k=", K, ", experts=", E, "]");
+    L.offloaded = true;
+    L.record_offset.assign(offs.data_ptr<int64_t>(), offs.data_ptr<int64_t>() + E);
+    L.slot_of.assign(E, -1);
+    L.expert_of.assign(C, -1);
+    L.last_use.assign(C, 0);
+  }
+
+  std::map<std::string, double> offload_stats() const {
+    return {{"hits", (double)ostats.hits}, {"misses", (double)ostats.misses},
+            {"bytes_read", (double)ostats.bytes_read}, {"read_seconds", ostats.read_seconds}};
+  }
+  void reset_offload_stats() { ostats = OffloadStats(); }
+
+  // Record the chosen experts of every MoE layer ([T, K] per layer per forward call) until turned off.
+  void set_record_routing(bool on) {
+    record_routing = on;
+    routing.clear();
+  }
+  std::vector<at::Tensor> recorded_routing() const { return routing; }
 
  private:
   // Dequantize embedding rows: value = code * scale, groups of 32 along H, even index = low nibble.
@@ -320,7 +384,7 @@ class NativeModel {
     return mobilemoe_api::linear(L.o, H, QO, flat);
   }
 
-  at::Tensor moe(const Layer& L, const at::Tensor& h) {
+  at::Tensor moe(Layer& L, const at::Tensor& h) {
     const int64_t T = h.size(0);
     // fp32 router scores. One token: a plain loop (ATen's dispatch costs more than the 60 x H dots);
     // more: row chunks as pool jobs with the ATen ops inline (see attention()).
@@ -375,10 +439,107 @@ class NativeModel {
       }
     }
     prof.stop("router");
+    if (record_routing) routing.push_back(ids.clone());
+    if (L.offloaded) return moe_offloaded(L, h, ids, w);
     static const at::Tensor empty = at::empty({0, 0}, at::TensorOptions().dtype(at::kByte));
     const bool shared = L.ffn_width > 0;
     return mobilemoe_api::moe(h, ids, w, L.gu_codes, L.gu_scales, L.dn_codes, L.dn_scales, I,
                               shared ? L.ffn_gu : empty, shared ? L.ffn_dn : empty, L.ffn_width);
+  }
+
+  // One expert into a cache slot with one preadv of its record (four parts, straight into the slots).
+  void read_expert(Layer& L, int64_t e, int64_t slot) {
+    at::Tensor* parts[4] = {&L.gu_codes, &L.gu_scales, &L.dn_codes, &L.dn_scales};
+    struct iovec iov[4];
+    int64_t total = 0;
+    for (int p = 0; p < 4; ++p) {
+      const int64_t n = parts[p]->nbytes() / parts[p]->size(0);
+      iov[p].iov_base = static_cast<uint8_t*>(parts[p]->data_ptr()) + slot * n;
+      iov[p].iov_len = (size_t)n;
+      total += n;
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    int64_t done = 0, off = L.record_offset[e];
+    int first = 0;
+    while (done < total) {  // preadv may return short; continue where it stopped
+      const ssize_t r = ::preadv(store_fd, iov + first, 4 - first, off + done);
+      TORCH_CHECK(r > 0, "expert store: read of expert ", e, " failed at offset ", off + done, ": ",
+                  r == 0 ? "unexpected end of file" : std::strerror(errno));
+      done += r;
+      for (int64_t left = r; left > 0 && first < 4;) {
+        const int64_t take = std::min<int64_t>(left, (int64_t)iov[first].iov_len);
+        iov[first].iov_base = static_cast<uint8_t*>(iov[first].iov_base) + take;
+        iov[first].iov_len -= take;
+        left -= take;
+        if (iov[first].iov_len == 0) ++first;
+      }
+    }
+    if (drop_cache) ::posix_fadvise(store_fd, off, total, POSIX_FADV_DONTNEED);
+    ostats.read_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    ostats.bytes_read += total;
+    ostats.misses += 1;
+  }
+
+  // Make the experts of `need` resident (LRU over slots, never evicting one of `need`); returns
+  // their slots. Accesses are counted in order, one clock tick each (as remoe.cache_sim does).
+  std::vector<int64_t> make_resident(Layer& L, const std::vector<int64_t>& need) {
+    std::vector<int64_t> slots;
+    std::vector<char> needed(E, 0);
+    for (int64_t e : need) needed[e] = 1;
+    const int64_t C = (int64_t)L.expert_of.size();
+    for (int64_t e : need) {
+      ++clock;
+      int64_t s = L.slot_of[e];
+      if (s >= 0) {
+        ostats.hits += 1;
+      } else {
+        s = -1;
+        for (int64_t c = 0; c < C; ++c) {  // a free slot, else the least recently used unneeded one
+          const int64_t held = L.expert_of[c];
+          if (held < 0) { s = c; break; }
+          if (!needed[held] && (s < 0 || L.last_use[c] < L.last_use[s])) s = c;
+        }
+        TORCH_CHECK(s >= 0, "expert cache: no slot to evict (capacity ", C, ")");
+        if (L.expert_of[s] >= 0) L.slot_of[L.expert_of[s]] = -1;
+        read_expert(L, e, s);
+        L.expert_of[s] = e;
+        L.slot_of[e] = s;
+      }
+      L.last_use[s] = clock;
+      slots.push_back(s);
+    }
+    return slots;
+  }
+
+  // The MoE layer with offloaded experts: the distinct chosen experts in order of first use, in
+  // batches of at most C (one batch at decode); each batch runs the fused operator on its slots
+  // with the other assignments skipped (id -1). The shared expert runs with the first batch.
+  at::Tensor moe_offloaded(Layer& L, const at::Tensor& h, const at::Tensor& ids, const at::Tensor& w) {
+    const int64_t A = ids.numel(), C = (int64_t)L.expert_of.size();
+    const int64_t* ip = ids.data_ptr<int64_t>();
+    std::vector<int64_t> order;
+    std::vector<char> seen(E, 0);
+    for (int64_t a = 0; a < A; ++a)
+      if (!seen[ip[a]]) seen[ip[a]] = 1, order.push_back(ip[a]);
+    prof.stop("router");
+    static const at::Tensor empty = at::empty({0, 0}, at::TensorOptions().dtype(at::kByte));
+    at::Tensor out;
+    at::Tensor local = at::empty_like(ids);
+    int64_t* lp = local.data_ptr<int64_t>();
+    for (size_t b0 = 0; b0 < order.size(); b0 += C) {
+      std::vector<int64_t> batch(order.begin() + b0, order.begin() + std::min(order.size(), b0 + C));
+      std::vector<int64_t> slots = make_resident(L, batch);
+      std::vector<int64_t> slot_in_batch(E, -1);
+      for (size_t j = 0; j < batch.size(); ++j) slot_in_batch[batch[j]] = slots[j];
+      for (int64_t a = 0; a < A; ++a) lp[a] = slot_in_batch[ip[a]];
+      prof.stop("expert_io");
+      const bool shared = b0 == 0 && L.ffn_width > 0;
+      at::Tensor part = mobilemoe_api::moe(h, local, w, L.gu_codes, L.gu_scales, L.dn_codes, L.dn_scales, I,
+                                           shared ? L.ffn_gu : empty, shared ? L.ffn_dn : empty,
+                                           shared ? L.ffn_width : 0);
+      if (b0 == 0) out = part; else out.add_(part);
+    }
+    return out;
   }
 
   at::Tensor dense_ffn(const Layer& L, const at::Tensor& h) {
@@ -406,6 +567,12 @@ class NativeModel {
   std::vector<at::Tensor> kcache, vcache;
   Profiler prof;
   AttendFn attend;
+  int store_fd = -1;
+  bool drop_cache = false;
+  OffloadStats ostats;
+  int64_t clock = 0;  // access clock of the expert caches
+  bool record_routing = false;
+  std::vector<at::Tensor> routing;
 };
 
 void register_native_model(pybind11::module_& m) {
@@ -416,5 +583,11 @@ void register_native_model(pybind11::module_& m) {
       .def("forward", &NativeModel::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("num_layers", &NativeModel::num_layers)
       .def("set_profiling", &NativeModel::set_profiling)
-      .def("profile", &NativeModel::profile);
+      .def("profile", &NativeModel::profile)
+      .def("open_expert_store", &NativeModel::open_expert_store)
+      .def("offload_layer", &NativeModel::offload_layer)
+      .def("offload_stats", &NativeModel::offload_stats)
+      .def("reset_offload_stats", &NativeModel::reset_offload_stats)
+      .def("set_record_routing", &NativeModel::set_record_routing)
+      .def("recorded_routing", &NativeModel::recorded_routing);
 }

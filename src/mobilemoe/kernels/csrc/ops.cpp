@@ -487,17 +487,19 @@ at::Tensor moe_forward(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   at::Tensor out = at::zeros({T, H}, x.options());
   if (T == 0) return out;
 
-  // Group the T*k assignments by expert (stable counting sort).
+  // Group the T*k assignments by expert (stable counting sort). An id of -1 skips that
+  // assignment (the offloading runtime runs a layer in batches of resident experts).
   const int64_t* idp = ids.data_ptr<int64_t>();
-  std::vector<int64_t> offs(E + 1, 0), token_of(A), slot_of(A);
+  std::vector<int64_t> offs(E + 1, 0), token_of(A), slot_of(A, -1);
   for (int64_t a = 0; a < A; ++a) {
-    TORCH_CHECK(idp[a] >= 0 && idp[a] < E, "expert id ", idp[a], " out of range [0, ", E, ")");
-    offs[idp[a] + 1]++;
+    TORCH_CHECK(idp[a] >= -1 && idp[a] < E, "expert id ", idp[a], " out of range [0, ", E, ")");
+    if (idp[a] >= 0) offs[idp[a] + 1]++;
   }
   for (int64_t e = 0; e < E; ++e) offs[e + 1] += offs[e];
   {
     std::vector<int64_t> fill(offs.begin(), offs.end() - 1);
     for (int64_t a = 0; a < A; ++a) {
+      if (idp[a] < 0) continue;
       const int64_t p = fill[idp[a]]++;
       token_of[p] = a / kk;
       slot_of[a] = p;
@@ -509,7 +511,7 @@ at::Tensor moe_forward(const at::Tensor& x, const at::Tensor& ids, const at::Ten
 
   // Stage 1: every chosen expert's gate_up (per output group) and the shared gate_up.
   const auto fopt = x.options();
-  at::Tensor gu_t = at::empty({A, 2 * I}, fopt), sgu_t = at::empty({shared ? T : 0, 2 * S}, fopt);
+  at::Tensor gu_t = at::empty({offs[E], 2 * I}, fopt), sgu_t = at::empty({shared ? T : 0, 2 * S}, fopt);
   float* gu = gu_t.data_ptr<float>();
   float* sgu = sgu_t.data_ptr<float>();
   std::vector<Job> jobs;
@@ -550,7 +552,7 @@ at::Tensor moe_forward(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   }
 
   // Stage 2: down projections.
-  Buf y(A * H), ys(shared ? T * H : 0);
+  Buf y(offs[E] * H), ys(shared ? T * H : 0);
   jobs.clear();
   for (int64_t e = 0; e < E; ++e)
     for (int64_t a0 = offs[e]; a0 < offs[e + 1]; a0 += TOKEN_CHUNK)
@@ -580,6 +582,7 @@ at::Tensor moe_forward(const at::Tensor& x, const at::Tensor& ids, const at::Ten
       float* o = op + t * H;
       if (shared) std::memcpy(o, ys.data() + t * H, H * sizeof(float));
       for (int64_t s = 0; s < kk; ++s) {
+        if (slot_of[t * kk + s] < 0) continue;
         const float wt = wp[t * kk + s];
         const float* yr = y.data() + slot_of[t * kk + s] * H;
         for (int64_t i = 0; i < H; ++i) o[i] += wt * yr[i];

@@ -1,0 +1,103 @@
+"""The expert-offloading runtime: experts on storage, C cached per layer, read with preadv."""
+
+import numpy as np
+import pytest
+import torch
+
+from mobilemoe.errors import MobileMoEError
+from mobilemoe.remoe.cache_sim import simulate_layer
+from mobilemoe.runtime import Engine, ExpertOffload, native
+from mobilemoe.runtime.offload import expert_record_bytes, plan_capacity, resident_bytes
+
+pytestmark = pytest.mark.skipif(not native.is_available(), reason="native kernels not built")
+
+
+def _ids(n: int, seed: int = 0) -> list[int]:
+    return torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("capacity", [4, 6, 16])
+def test_offloaded_logits_equal_in_memory_runtime(int4_ckpt, tmp_path, capacity):
+    """Same kernels on the same bytes. Token-by-token decoding (one batch of <= K experts per layer)
+    gives identical logits at every step. A prefill with more distinct experts than C runs each layer
+    in batches of C experts, which only reorders the fp32 sums of expert outputs."""
+    full = Engine.load(int4_ckpt, backend="native")
+    off = Engine.load(int4_ckpt, offload=ExpertOffload(capacity=capacity, store_dir=tmp_path / "store"))
+    ids = _ids(30)
+    for pos, t in enumerate(ids):
+        assert torch.equal(full.backend.forward([t], pos), off.backend.forward([t], pos))
+    a, b = full.backend.forward(ids[:17], 0), off.backend.forward(ids[:17], 0)
+    if capacity == 16:
+        assert torch.equal(a, b)
+    else:
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    st = off.backend.offload_stats()
+    assert st["misses"] > 0 and st["bytes_read"] == st["misses"] * expert_record_bytes(off.config)
+    if capacity == 16:  # everything fits: each expert of each layer is read once at most
+        assert st["misses"] <= 16 * off.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("capacity", [4, 7])
+def test_decode_misses_equal_the_lru_simulator(int4_ckpt, tmp_path, capacity):
+    """Token-by-token, the runtime's hits and misses are exactly the cache simulator's LRU on the
+    routing the runtime itself recorded."""
+    engine = Engine.load(int4_ckpt, offload=ExpertOffload(capacity=capacity, store_dir=tmp_path / "store"))
+    model = engine.backend.model
+    model.set_record_routing(True)
+    for pos, t in enumerate(_ids(40, seed=3)):
+        engine.backend.forward([t], pos)
+    per_call = model.recorded_routing()  # one [1, K] per MoE layer per step, layer-major within a step
+    n_layers = sum(engine.config.is_moe_layer(i) for i in range(engine.config.num_hidden_layers))
+    trace = np.stack([torch.cat(per_call[l::n_layers]).numpy() for l in range(n_layers)])  # [L, N, K]
+    sim = [simulate_layer(trace[l], capacity, "lru") for l in range(n_layers)]
+    st = engine.backend.offload_stats()
+    assert st["misses"] == sum(s.misses for s in sim)
+    assert st["hits"] == sum(s.hits for s in sim)
+
+
+def test_memory_budget_picks_the_capacity(int4_ckpt, tmp_path):
+    from mobilemoe.config import MobileMoEConfig
+
+    cfg = MobileMoEConfig.from_json(int4_ckpt / "config.json")
+    base, per_slot = resident_bytes(cfg, 64), 4 * expert_record_bytes(cfg)  # 4 MoE layers
+    assert plan_capacity(cfg, base + 6 * per_slot + 10, 64) == 6
+    assert plan_capacity(cfg, base + 100 * per_slot, 64) == cfg.num_local_experts
+    with pytest.raises(MobileMoEError, match="too small.*at least top-k = 4"):
+        plan_capacity(cfg, base + 3 * per_slot, 64)
+    engine = Engine.load(int4_ckpt, max_seq_len=64,
+                         offload=ExpertOffload(max_memory=base + 5 * per_slot, store_dir=tmp_path / "s"))
+    assert engine.backend.capacity == 5
+
+
+def test_bad_offload_requests_are_named(int4_ckpt, tmp_path, make_int4_checkpoint):
+    with pytest.raises(MobileMoEError, match="between top-k"):
+        Engine.load(int4_ckpt, offload=ExpertOffload(capacity=2, store_dir=tmp_path / "a"))
+    with pytest.raises(MobileMoEError, match="exactly one"):
+        Engine.load(int4_ckpt, offload=ExpertOffload(store_dir=tmp_path / "b"))
+    with pytest.raises(MobileMoEError, match="reference"):
+        Engine.load(int4_ckpt, backend="reference", offload=ExpertOffload(capacity=4))
+    dense = make_int4_checkpoint("tiny-dense", seed=0)
+    with pytest.raises(MobileMoEError, match="no MoE layers"):
+        Engine.load(dense, offload=ExpertOffload(capacity=1, store_dir=tmp_path / "c"))
+    # a store written for another model is refused, naming the mismatch
+    other = make_int4_checkpoint("tiny-moe-softmax", seed=0)
+    Engine.load(other, offload=ExpertOffload(capacity=2, store_dir=tmp_path / "other"))
+    with pytest.raises(MobileMoEError, match="num_experts 8, but the checkpoint has 16"):
+        Engine.load(int4_ckpt, offload=ExpertOffload(capacity=4, store_dir=tmp_path / "other"))
+
+
+def test_generate_cli_offloads(int4_ckpt, tmp_path, capsys):
+    import json
+
+    from mobilemoe.cli import main
+
+    args = ["generate", "--model", str(int4_ckpt), "--prompt-ids", "1,2,3", "--max-new-tokens", "6", "--json"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(args + ["--cache-experts", "4", "--expert-store", str(tmp_path / "st")]) == 0
+    off = json.loads(capsys.readouterr().out)
+    assert off["ids"] == plain["ids"] and off["offload"]["capacity"] == 4 and off["offload"]["misses"] > 0
+    assert main(args + ["--max-memory", "lots"]) == 2
+    assert "expected a size like 300MB" in capsys.readouterr().err
+    assert main(args + ["--max-memory", "1KB"]) == 2
+    assert "too small" in capsys.readouterr().err
