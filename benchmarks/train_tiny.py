@@ -76,8 +76,8 @@ def val_loss(ckpt: Path, ids: list[int], window: int = 256) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/train_tiny")
-    parser.add_argument("--steps", type=int, default=300, help="pre-training steps per model")
-    parser.add_argument("--qat-steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=1500, help="pre-training steps per model")
+    parser.add_argument("--qat-steps", type=int, default=200)
     parser.add_argument("--sft-steps", type=int, default=500)
     parser.add_argument("--plot", default=None)
     args = parser.parse_args()
