@@ -5,7 +5,9 @@
 Runs (each from the same base model, same data and seed): ``remoe`` (full objective), ``ce_only``
 (l_loc = 0, l_kl = 0: the control), ``no_trust`` (l_kl = 0), ``no_reuse`` (l_reuse = 0). Reports,
 per run, validation perplexity, EOR, LRU/LFU/Belady hit rates at C = K and C = 2K, misses/token and
-projected TPOT, each before vs after, and the relative changes.
+projected TPOT, each before vs after, and the relative changes; and the real decode TPOT of the INT4
+model in the expert-offloading runtime (C = --tpot-capacity experts cached per layer, misses read
+from the expert store file with the page cache dropped), before vs after, measured in this run.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from mobilemoe.remoe import LossWeights, RemoeTrainConfig, RemoeTrainer, evaluate, load_adapter
 from mobilemoe.remoe.cache_sim import analyze
 from mobilemoe.remoe.data import batches, eval_windows, token_array
-from mobilemoe.remoe.evaluate import phase_eor, strip
+from mobilemoe.remoe.evaluate import measured_tpot, phase_eor, strip
 from mobilemoe.remoe.traces import trace_generation
 
 VARIANTS = {
@@ -62,6 +64,11 @@ def main() -> None:
     ap.add_argument("--gen-prompts", type=int, default=4, help="validation prompts for the greedy-decode EOR")
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for the tiny model)")
+    ap.add_argument("--tpot-capacity", type=int, default=None, help="experts cached per layer for the measured "
+                                                                     "TPOT (default: top-k)")
+    ap.add_argument("--tpot-prompts", type=int, default=8, help="validation prompts decoded for the measured TPOT")
+    ap.add_argument("--tpot-tokens", type=int, default=64, help="tokens decoded after each prompt")
+    ap.add_argument("--tpot-rounds", type=int, default=3, help="alternating timing rounds (median)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -74,6 +81,9 @@ def main() -> None:
     windows = eval_windows(val, args.seq_len, args.val_windows)
     gen = [w[:, :64] for w in windows[:args.gen_prompts]]
     before = summarize(base, windows, K, gen, args.gen_tokens)
+    tpot_prompts = [w[:, :64] for w in windows[:args.tpot_prompts]]
+    tpot_c = args.tpot_capacity or K
+    trained = {"before": base}
     report = {"model": args.model, "data": args.data, "train_tokens": int(len(train_tokens)),
               "val_tokens": before["tokens"], "settings": vars(args), "before": before, "runs": {}}
     for name in args.variants.split(","):
@@ -88,6 +98,7 @@ def main() -> None:
         res = RemoeTrainer(adapter, cfg, batches(train_tokens, args.seq_len, args.batch_size), out / name,
                            progress=False).fit()
         after = summarize(adapter, windows, K, gen, args.gen_tokens)
+        trained[name] = adapter
         rel = lambda a, b: (b - a) / a if a else float("nan")
         report["runs"][name] = {
             "weights": w.to_dict(), "train_seconds": time.time() - t0, "frozen_identical": res.frozen_identical,
@@ -106,6 +117,21 @@ def main() -> None:
               f"{after['hit_rate']['lru']:.4f}, LRU@2K {before['hit_rate_2K']['lru']:.4f} -> "
               f"{after['hit_rate_2K']['lru']:.4f}  [{time.time() - t0:.0f}s]", flush=True)
         (out / "remoe_eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    # Real decode TPOT in the offloading runtime: every model in one process, alternating rounds.
+    tpot = measured_tpot(trained, tpot_prompts, args.tpot_tokens, tpot_c, out / "tpot", rounds=args.tpot_rounds)
+    report["before"]["measured_tpot"] = tpot["before"]
+    for name, run in report["runs"].items():
+        run["after"]["measured_tpot"] = tpot[name]
+        b, a = tpot["before"]["offloaded"], tpot[name]["offloaded"]
+        run["offloaded_tpot_ms"] = [b["tpot_ms"], a["tpot_ms"]]
+        run["offloaded_tpot_rel_change"] = a["tpot_ms"] / b["tpot_ms"] - 1
+        run["offloaded_misses_per_token"] = [b["misses_per_token"], a["misses_per_token"]]
+        run["in_ram_tpot_ms"] = [tpot["before"]["in_ram"]["tpot_ms"], tpot[name]["in_ram"]["tpot_ms"]]
+        print(f"{name:9s} offloaded decode (C={tpot_c}): TPOT {b['tpot_ms']:.3f} -> {a['tpot_ms']:.3f} ms "
+              f"({run['offloaded_tpot_rel_change']:+.1%}), misses/token {b['misses_per_token']:.2f} -> "
+              f"{a['misses_per_token']:.2f}; in RAM {run['in_ram_tpot_ms'][0]:.3f} -> {run['in_ram_tpot_ms'][1]:.3f} ms",
+              flush=True)
+    (out / "remoe_eval.json").write_text(json.dumps(report, indent=2) + "\n")
     ctrl = report["runs"].get("ce_only")
     if ctrl:  # the same router-only training without L_loc / L_trust: isolates what the locality terms do
         for r in report["runs"].values():

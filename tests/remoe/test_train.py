@@ -108,3 +108,20 @@ def test_cli_train_eval_apply(mobilemoe_dir, tmp_path, capsys):
     assert 0 <= res["change"]["eor_after"] <= 1 and res["before"]["perplexity"] > 1
     assert (tmp_path / "t.npz").exists() and (tmp_path / "t_after.npz").exists()
     assert main(["remoe", "eval", "--model", str(tmp_path / "nope")]) == 2
+
+
+def test_remoe_eval_measures_offloaded_tpot(mobilemoe_dir, tmp_path, capsys):
+    """--measure-tpot decodes with the experts offloaded; the counters are those of a real cache."""
+    from mobilemoe.runtime import native
+
+    if not native.is_available():
+        pytest.skip("native kernels not built")
+    rc = main(["remoe", "eval", "--model", str(mobilemoe_dir), "--data", "random", "--seq-len", "16",
+               "--windows", "2", "--capacity", "3", "--measure-tpot", "--tpot-tokens", "5", "--tpot-prompts", "2",
+               "--tpot-dir", str(tmp_path / "tp"), "--json"])
+    assert rc == 0
+    mt = json.loads(capsys.readouterr().out)["before"]["measured_tpot"]
+    off = mt["offloaded"]
+    assert mt["capacity"] == 3 and off["tpot_ms"] > 0 and mt["in_ram"]["tpot_ms"] > 0
+    assert 0 <= off["hit_rate"] <= 1 and off["misses_per_token"] <= 2 * 3  # at most K=2 experts x 3 layers
+    assert (tmp_path / "tp" / "before" / "expert-store" / "experts.bin").exists()

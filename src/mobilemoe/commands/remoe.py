@@ -60,6 +60,13 @@ def register(subparsers) -> None:
     e.add_argument("--capacity", type=int, default=None, help="experts cached per layer (default: top-K)")
     e.add_argument("--compute-ms", type=float, default=0.0, help="compute time per token added to the TPOT")
     e.add_argument("--measure-disk", action="store_true", help="add this machine's disk (measured) to the profiles")
+    e.add_argument("--measure-tpot", action="store_true",
+                   help="also measure real decode TPOT in the native INT4 runtime with experts offloaded to an "
+                        "expert store (C = --capacity cached per layer; MobileMoE models)")
+    e.add_argument("--tpot-tokens", type=int, default=64, help="tokens decoded per prompt for --measure-tpot (64)")
+    e.add_argument("--tpot-prompts", type=int, default=4, help="validation prompts for --measure-tpot (4)")
+    e.add_argument("--tpot-dir", default=None, help="where --measure-tpot writes INT4 copies and expert stores "
+                                                    "(default: a temporary directory)")
     e.add_argument("--heatmap", default=None, help="write an expert-use heatmap (before vs after) to this PNG")
     e.add_argument("--trace-out", default=None, help="save the routing trace(s) here (.npz; _after for --compare)")
     e.add_argument("--json", action="store_true")
@@ -177,6 +184,18 @@ def run_eval(args) -> int:
         other.load_router_state(load_delta(args.routers)[0])
     if other is not None:
         results["after"] = evaluate(other, windows, args.capacity, profiles=profiles, compute_ms=args.compute_ms)
+    if args.measure_tpot:
+        import tempfile
+
+        from mobilemoe.remoe.evaluate import measured_tpot
+
+        models = {"before": base, **({"after": other} if other is not None else {})}
+        prompts = [w[:, :min(64, seq)] for w in windows[:args.tpot_prompts]]
+        with tempfile.TemporaryDirectory(prefix="mobilemoe-tpot-") as tmp:
+            tpot = measured_tpot(models, prompts, args.tpot_tokens, results["before"]["capacity"],
+                                 args.tpot_dir or tmp)
+        for name, r in tpot.items():
+            results[name]["measured_tpot"] = r
     if args.trace_out:
         results["before"]["trace"].save(args.trace_out)
         if other is not None:
@@ -204,9 +223,19 @@ def run_eval(args) -> int:
         print(f"{pol + ' misses/token':44s}" + "".join(f"{_fmt(out[c]['misses_per_token'][pol]):>12s}" for c in cols))
     for name in out["before"]["tpot_ms"]:
         print(f"{'projected TPOT ms ' + name:44s}" + "".join(f"{_fmt(out[c]['tpot_ms'][name]):>12s}" for c in cols))
+    if "measured_tpot" in out["before"]:
+        mt = {c: out[c]["measured_tpot"] for c in cols}
+        print(f"{'measured TPOT ms, experts offloaded':44s}" + "".join(f"{mt[c]['offloaded']['tpot_ms']:>12.4f}" for c in cols))
+        print(f"{'measured misses/token, experts offloaded':44s}"
+              + "".join(f"{mt[c]['offloaded']['misses_per_token']:>12.4f}" for c in cols))
+        print(f"{'measured TPOT ms, all experts in RAM':44s}" + "".join(f"{mt[c]['in_ram']['tpot_ms']:>12.4f}" for c in cols))
     if "change" in out:
         ch = out["change"]
-        print(f"EOR {ch['eor_rel_change']:+.1%} relative; perplexity {ch['ppl_rel_change']:+.2%}")
+        line = f"EOR {ch['eor_rel_change']:+.1%} relative; perplexity {ch['ppl_rel_change']:+.2%}"
+        if "measured_tpot" in out["before"]:
+            b, a = (out[c]["measured_tpot"]["offloaded"]["tpot_ms"] for c in ("before", "after"))
+            line += f"; offloaded decode TPOT {a / b - 1:+.1%}"
+        print(line)
     return 0
 
 

@@ -130,8 +130,10 @@ class ExpertStore:
         self.bytes_cached = 0
         self.hits = self.misses = self.bytes_read = 0
         self.read_seconds = 0.0
-        if drop_page_cache and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if hasattr(os, "posix_fadvise"):  # random record reads: no readahead (as the native runtime)
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
+            if drop_page_cache:
+                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -106,52 +106,84 @@ def phase_eor(trace: Trace, phase: int = 1) -> float:
     return float(np.mean(vals))
 
 
-def measured_tpot(adapter: Adapter, prompts: Sequence[torch.Tensor], gen_tokens: int, capacity: int,
-                  workdir: str | Path, drop_page_cache: bool = True) -> dict[str, Any]:
-    """Real decode time per output token of this model in the native INT4 runtime with its experts
-    offloaded (C = ``capacity`` cached per MoE layer, misses read from the expert store file), next
-    to the same runtime with every expert in RAM. Greedy decoding of ``gen_tokens`` after each prompt;
-    the counters cover the decode steps only (the prefill's reads are excluded).
-
-    MobileMoE models only: the model is saved, quantized to INT4 and written to an expert store
-    under ``workdir`` (reused when present)."""
+def _int4_for(adapter: Adapter, work: Path) -> Path:
+    """Save and quantize a MobileMoE adapter's model under ``work`` (reused when present)."""
     from mobilemoe.checkpoint import save_checkpoint
     from mobilemoe.errors import MobileMoEError
     from mobilemoe.quant import quantize_checkpoint
-    from mobilemoe.runtime import Engine, ExpertOffload
 
     if not isinstance(adapter, MobileMoEAdapter):
         raise MobileMoEError("measured TPOT needs a MobileMoE model (the offloading runtime runs the INT4 format); "
                              "use the projected TPOT for other families")
-    work = Path(workdir)
     int4 = work / "int4"
     if not (int4 / "config.json").exists():
         save_checkpoint(adapter.model, work / "float")
         quantize_checkpoint(work / "float", int4, overwrite=True)
-    out: dict[str, Any] = {"capacity": capacity, "gen_tokens": gen_tokens, "prompts": len(prompts),
-                           "drop_page_cache": drop_page_cache}
-    for mode in ("in_ram", "offloaded"):
-        offload = ExpertOffload(capacity=capacity, store_dir=work / "expert-store",
-                                drop_page_cache=drop_page_cache) if mode == "offloaded" else None
-        engine = Engine.load(int4, backend="native", offload=offload)
-        seconds, steps = 0.0, 0
-        counters = {"hits": 0, "misses": 0, "bytes_read": 0, "read_seconds": 0.0}
-        for p in prompts:
-            engine.reset()
-            logits = engine.prefill(p.reshape(-1).tolist())
-            before = engine.backend.offload_stats() if offload else None
-            t0 = time.perf_counter()
-            for _ in range(gen_tokens):
-                logits = engine.decode(int(torch.argmax(logits)))
-            seconds += time.perf_counter() - t0
-            steps += gen_tokens
-            if offload:
-                after = engine.backend.offload_stats()
-                for k in counters:
-                    counters[k] += after[k] - before[k]
-        res = {"tpot_ms": 1e3 * seconds / max(steps, 1)}
-        if offload:
-            res.update(counters, misses_per_token=counters["misses"] / max(steps, 1),
-                       read_ms_per_token=1e3 * counters["read_seconds"] / max(steps, 1))
-        out[mode] = res
+    return int4
+
+
+def _decode_round(engine, prompts: Sequence[torch.Tensor], gen_tokens: int) -> dict[str, float]:
+    """Greedy-decode ``gen_tokens`` after each prompt; seconds and offload counters of the decode steps."""
+    offloaded = getattr(engine.backend, "capacity", None) is not None
+    keys = ("hits", "misses", "bytes_read", "read_seconds")
+    acc = dict.fromkeys(("seconds", "steps") + (keys if offloaded else ()), 0.0)
+    for p in prompts:
+        engine.reset()
+        logits = engine.prefill(p.reshape(-1).tolist())
+        before = engine.backend.offload_stats() if offloaded else None
+        t0 = time.perf_counter()
+        for _ in range(gen_tokens):
+            logits = engine.decode(int(torch.argmax(logits)))
+        acc["seconds"] += time.perf_counter() - t0
+        acc["steps"] += gen_tokens
+        if offloaded:
+            after = engine.backend.offload_stats()
+            for k in keys:
+                acc[k] += after[k] - before[k]
+    return acc
+
+
+def measured_tpot(adapters: dict[str, Adapter], prompts: Sequence[torch.Tensor], gen_tokens: int, capacity: int,
+                  workdir: str | Path, rounds: int = 3, drop_page_cache: bool = True) -> dict[str, dict[str, Any]]:
+    """Real decode time per output token of each model in the native INT4 runtime with its experts
+    offloaded (C = ``capacity`` cached per MoE layer, misses read from its expert store file), next to
+    the same runtime with every expert in RAM.
+
+    All models are timed in one process, in ``rounds`` rounds that alternate the order, so machine
+    noise hits them alike; TPOT is the median over rounds. Greedy decoding of ``gen_tokens`` after each
+    prompt; the counters cover the decode steps only (the prefill's reads are excluded). MobileMoE
+    models only: each is saved, quantized to INT4 and written to an expert store under
+    ``workdir/<name>`` (reused when present)."""
+    import statistics
+
+    from mobilemoe.runtime import Engine, ExpertOffload
+
+    engines: dict[tuple[str, str], Any] = {}
+    for name, adapter in adapters.items():
+        work = Path(workdir) / name
+        int4 = _int4_for(adapter, work)
+        engines[(name, "in_ram")] = Engine.load(int4, backend="native")
+        engines[(name, "offloaded")] = Engine.load(int4, backend="native", offload=ExpertOffload(
+            capacity=capacity, store_dir=work / "expert-store", drop_page_cache=drop_page_cache))
+    runs: dict[tuple[str, str], list[dict[str, float]]] = {key: [] for key in engines}
+    order = list(engines)
+    for r in range(rounds):
+        for key in (order if r % 2 == 0 else order[::-1]):
+            runs[key].append(_decode_round(engines[key], prompts, gen_tokens))
+    out: dict[str, dict[str, Any]] = {}
+    for name in adapters:
+        res: dict[str, Any] = {"capacity": capacity, "gen_tokens": gen_tokens, "prompts": len(prompts),
+                               "rounds": rounds, "drop_page_cache": drop_page_cache}
+        for mode in ("in_ram", "offloaded"):
+            rs = runs[(name, mode)]
+            m = {"tpot_ms": statistics.median(1e3 * x["seconds"] / x["steps"] for x in rs)}
+            if mode == "offloaded":
+                tot = {k: sum(x[k] for x in rs) for k in ("hits", "misses", "bytes_read", "read_seconds", "steps")}
+                m.update(misses_per_token=tot["misses"] / tot["steps"],
+                         hit_rate=tot["hits"] / max(tot["hits"] + tot["misses"], 1),
+                         bytes_per_token=tot["bytes_read"] / tot["steps"],
+                         read_ms_per_token=1e3 * tot["read_seconds"] / tot["steps"],
+                         read_us_per_miss=1e6 * tot["read_seconds"] / max(tot["misses"], 1))
+            res[mode] = m
+        out[name] = res
     return out

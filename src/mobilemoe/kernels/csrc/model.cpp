@@ -247,13 +247,17 @@ class NativeModel {
 
   // The expert store: one file holding every routed expert's packed bytes as one record
   // (gate_up codes | gate_up scales | down codes | down scales), read with preadv into cache slots.
-  // drop_page_cache: after each read, tell the kernel to drop those pages (POSIX_FADV_DONTNEED), so
-  // the next miss on that expert reads the storage device again instead of RAM.
+  // drop_page_cache: drop the file's cached pages at open and each record's pages after it is read
+  // (POSIX_FADV_DONTNEED), so every miss reads the storage device instead of RAM.
   void open_expert_store(const std::string& path, bool drop_page_cache) {
     TORCH_CHECK(store_fd < 0, "an expert store is already open");
     store_fd = ::open(path.c_str(), O_RDONLY);
     TORCH_CHECK(store_fd >= 0, "cannot open the expert store ", path, ": ", std::strerror(errno));
     drop_cache = drop_page_cache;
+    // Misses are random reads of whole records: no readahead, which would pull neighbouring experts
+    // into the page cache and turn later misses into memory copies.
+    ::posix_fadvise(store_fd, 0, 0, POSIX_FADV_RANDOM);
+    if (drop_cache) ::posix_fadvise(store_fd, 0, 0, POSIX_FADV_DONTNEED);
   }
 
   // Layer li keeps its routed experts on storage: its expert tensors (given to add_layer) are C
