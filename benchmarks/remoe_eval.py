@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for the tiny model)")
     ap.add_argument("--tpot-capacity", type=int, default=None, help="experts cached per layer for the measured "
-                                                                     "TPOT (default: top-k)")
+                                                                     "TPOT (default: 2 x top-k)")
     ap.add_argument("--tpot-prompts", type=int, default=8, help="validation prompts decoded for the measured TPOT")
     ap.add_argument("--tpot-tokens", type=int, default=64, help="tokens decoded after each prompt")
     ap.add_argument("--tpot-rounds", type=int, default=3, help="alternating timing rounds (median)")
@@ -82,7 +82,7 @@ def main() -> None:
     gen = [w[:, :64] for w in windows[:args.gen_prompts]]
     before = summarize(base, windows, K, gen, args.gen_tokens)
     tpot_prompts = [w[:, :64] for w in windows[:args.tpot_prompts]]
-    tpot_c = args.tpot_capacity or K
+    tpot_c = args.tpot_capacity or 2 * K
     trained = {"before": base}
     report = {"model": args.model, "data": args.data, "train_tokens": int(len(train_tokens)),
               "val_tokens": before["tokens"], "settings": vars(args), "before": before, "runs": {}}

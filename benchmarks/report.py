@@ -2,6 +2,8 @@
 
     python benchmarks/report.py runtime runs/bench/moe_vs_dense.json
     python benchmarks/report.py training runs/train_tiny/result.json
+    python benchmarks/report.py remoe runs/remoe_bench/remoe_eval.json
+    python benchmarks/report.py scaling runs/sweep/result.json
 """
 
 from __future__ import annotations
@@ -73,6 +75,58 @@ def training(r: dict) -> str:
     return "\n".join(lines)
 
 
+REMOE_LABELS = {"remoe": "ReMoE", "ce_only": "CE-only control (l_loc = l_kl = 0)", "no_trust": "no Trust-KL (l_kl = 0)",
+                "no_reuse": "no reuse term (l_reuse = 0)"}
+
+
+def remoe(r: dict) -> str:
+    b = r["before"]
+    mt = b.get("measured_tpot")
+    head = ("| run | perplexity | perplexity change | EOR | EOR change | LRU hit (C=K) | LRU hit (C=2K) | decode EOR"
+            + (f" | offloaded TPOT ms (C={mt['capacity']}) | TPOT change | misses/token | in-RAM TPOT ms |" if mt else " |"))
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def row(name: str, a: dict, run: dict | None) -> str:
+        cells = [name, f"{a['perplexity']:.2f}", f"{run['ppl_rel_change']:+.2%}" if run else "",
+                 f"{a['eor']:.4f}", f"{run['eor_rel_change']:+.1%}" if run else "", f"{a['hit_rate']['lru']:.3f}",
+                 f"{a['hit_rate_2K']['lru']:.3f}", f"{a.get('decode_eor', float('nan')):.3f}"]
+        if mt:
+            m = a["measured_tpot"]
+            cells += [f"{m['offloaded']['tpot_ms']:.3f}", f"{run['offloaded_tpot_rel_change']:+.1%}" if run else "",
+                      f"{m['offloaded']['misses_per_token']:.2f}", f"{m['in_ram']['tpot_ms']:.3f}"]
+        return "| " + " | ".join(cells) + " |"
+
+    lines.append(row("before", b, None))
+    for name, run in r["runs"].items():
+        lines.append(row(REMOE_LABELS.get(name, name), run["after"], run))
+    return "\n".join(lines)
+
+
+def scaling(r: dict) -> str:
+    lines = ["| model | family | tokens | active params | INT4 MB | val loss |", "|---|---|---|---|---|---|"]
+    for t in r["table"]:
+        lines.append(f"| {t['label']} | {t['family']} | {t['tokens']:.2g} | {t['n_act'] / 1e6:.2f}M | "
+                     f"{t['int4_bytes'] / 1e6:.2f} | {t['loss']:.4f} |")
+    lines += ["", "| fit | runs | form | in-sample RMSE (log loss) | held-out MAPE |", "|---|---|---|---|---|"]
+    for f in r["fits"]:
+        ho = f.get("heldout") or {}
+        lines.append(f"| {f['family']} | {f['n_runs']} | {'joint' if f['joint'] else 'single-E'} | {f['rmse_log']:.4f} | "
+                     + (f"{ho['mape']:.2%} on {ho['n']}" if ho else "") + " |")
+    lines += ["", "| tokens | d_model | dense | coarse MoE | fine-grained + shared |", "|---|---|---|---|---|"]
+    for m in r["matched_active"]:
+        cell = lambda k: f"{m[k]['loss']:.4f}" if k in m else ""  # noqa: E731
+        lines.append(f"| {m['tokens']:.2g} | {m['d_model']} | {cell('dense')} | {cell('coarse MoE')} | "
+                     f"{cell('fine-grained + shared')} |")
+    lines += ["", "| tokens | MoE family | d_model | INT4 MB | MoE loss | dense loss at the same INT4 MB | MoE - dense |",
+              "|---|---|---|---|---|---|---|"]
+    for m in r["matched_memory"]:
+        lines.append(f"| {m['tokens']:.2g} | {m['family']} | {m['d_model']} | {m['int4_MB']:.2f} | {m['moe_loss']:.4f} | "
+                     f"{m['dense_loss_at_same_memory']:.4f}{' (extrapolated)' if m['dense_extrapolated'] else ''} | "
+                     f"{m['moe_minus_dense']:+.4f} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     kind, path = sys.argv[1], sys.argv[2]
-    print({"runtime": runtime, "training": training}[kind](json.loads(open(path).read())))
+    render = {"runtime": runtime, "training": training, "remoe": remoe, "scaling": scaling}
+    print(render[kind](json.loads(open(path).read())))
