@@ -507,14 +507,22 @@ def fit_law(runs: Sequence[Run], joint: bool | None = None, n_starts: int = 24, 
         if len(train) < n_free + 1:
             raise LawError(f"family {family}: too few runs left to fit after holding out {n_test}")
         th, _, c_train = _fit(train, joint, starts, huber_delta, max_iter)
-        if th is not None:
-            heldout = heldout_error(_theta_to_params(th, joint, e_fixed, c_train), test)
+        try:
+            held_params = _theta_to_params(th, joint, e_fixed, c_train) if th is not None else None
+        except OverflowError:
+            held_params = None  # the reduced fit ran out of range: no held-out figure rather than a wrong one
+        if held_params is not None:
+            heldout = heldout_error(held_params, test)
             heldout["mode"] = holdout_mode  # type: ignore[assignment]
 
     theta, val, center = _fit(runs, joint, starts, huber_delta, max_iter)
     if theta is None:
         raise LawError(f"family {family}: the fit diverged from every start; check the run table")
-    params = _theta_to_params(theta, joint, e_fixed, center)
+    try:
+        params = _theta_to_params(theta, joint, e_fixed, center)
+    except OverflowError:
+        raise LawError(f"family {family}: the best fit has constants out of floating-point range "
+                       "(too few or too noisy runs for this form)") from None
 
     intervals: dict[str, tuple[float, float]] = {}
     if bootstrap > 0:
@@ -527,7 +535,10 @@ def fit_law(runs: Sequence[Run], joint: bool | None = None, n_starts: int = 24, 
                             center=center)
             if th is None:
                 continue
-            p = _theta_to_params(th, joint, e_fixed, center)
+            try:
+                p = _theta_to_params(th, joint, e_fixed, center)
+            except OverflowError:  # a resample that ran off to an absurd exponent: no interval information
+                continue
             for k in PARAM_NAMES:
                 samples[k].append(getattr(p, k))
         lo_q, hi_q = 100 * (1 - ci) / 2, 100 * (1 + ci) / 2
