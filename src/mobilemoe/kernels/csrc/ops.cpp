@@ -266,13 +266,14 @@ void run_jobs(int64_t njobs, int nworkers, const F& fn) {
   });
 }
 
-// Below ~1 MB of "work" (weight bytes + MACs/12, i.e. ~40 us on one core) a call runs on one
-// thread: waking and synchronising helpers would cost more than it saves.
-// MOBILEMOE_PARALLEL_WORK overrides the threshold (read once), for tuning on other machines.
+// Below 256 KiB of "work" (weight bytes + MACs/12, ~10 us on one core) a call runs on one thread:
+// waking and synchronising helpers would cost more than it saves. (1 MiB kept the ~0.5 MB QKV and O
+// GEMVs of MobileMoE-S on one thread; 256 KiB made its decode 6% faster on a quiet machine, and
+// 128 KiB or 64 KiB no faster.) MOBILEMOE_PARALLEL_WORK overrides it (read once), for other machines.
 double parallel_work_threshold() {
   static const double v = [] {
     const char* e = std::getenv("MOBILEMOE_PARALLEL_WORK");
-    return e ? std::atof(e) : double(1 << 20);
+    return e ? std::atof(e) : double(1 << 18);
   }();
   return v;
 }
