@@ -91,6 +91,15 @@ def decode_weight_bytes_per_token(cfg: MobileMoEConfig, fmt: str = "int4") -> fl
     return total
 
 
+def routed_expert_bytes(cfg: MobileMoEConfig, fmt: str = "int4") -> int:
+    """Bytes of ONE routed expert (its gate_up and down slices, with INT4 scales) in format ``fmt``."""
+    specs = [s for s in tensor_specs(cfg) if s.role == "experts"]
+    if not specs:
+        return 0
+    first_layer = [s for s in specs if s.layer == specs[0].layer]
+    return sum(tensor_bytes(s, fmt) for s in first_layer) // cfg.num_local_experts
+
+
 def kv_cache_bytes(cfg: MobileMoEConfig, context: int, dtype_bytes: int = 2) -> int:
     """K and V for every layer at ``context`` positions (batch 1)."""
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * context * dtype_bytes

@@ -93,7 +93,7 @@ class StackedExperts(nn.Module):
         dtype = _compute_dtype(x_sorted)
         if dtype not in (torch.float32, torch.bfloat16):
             return False
-        elems = 16 // torch.tensor([], dtype=dtype).element_size()
+        elems = 16 // dtype.itemsize
         hidden, width = self.gate_up_proj.shape[1], self.width
         return hidden % elems == 0 and width % elems == 0
 

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from mobilemoe.accounting import routed_expert_bytes
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.remoe.cache_sim import simulate_layer
 from mobilemoe.runtime import Engine, ExpertOffload, native
-from mobilemoe.runtime.offload import expert_record_bytes, plan_capacity, resident_bytes
+from mobilemoe.runtime.offload import plan_capacity, resident_bytes
 
 pytestmark = pytest.mark.skipif(not native.is_available(), reason="native kernels not built")
 
@@ -32,7 +33,7 @@ def test_offloaded_logits_equal_in_memory_runtime(int4_ckpt, tmp_path, capacity)
     else:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     st = off.backend.offload_stats()
-    assert st["misses"] > 0 and st["bytes_read"] == st["misses"] * expert_record_bytes(off.config)
+    assert st["misses"] > 0 and st["bytes_read"] == st["misses"] * routed_expert_bytes(off.config)
     if capacity == 16:  # everything fits: each expert of each layer is read once at most
         assert st["misses"] <= 16 * off.config.num_hidden_layers
 
@@ -59,7 +60,7 @@ def test_memory_budget_picks_the_capacity(int4_ckpt, tmp_path):
     from mobilemoe.config import MobileMoEConfig
 
     cfg = MobileMoEConfig.from_json(int4_ckpt / "config.json")
-    base, per_slot = resident_bytes(cfg, 64), 4 * expert_record_bytes(cfg)  # 4 MoE layers
+    base, per_slot = resident_bytes(cfg, 64), 4 * routed_expert_bytes(cfg)  # 4 MoE layers
     assert plan_capacity(cfg, base + 6 * per_slot + 10, 64) == 6
     assert plan_capacity(cfg, base + 100 * per_slot, 64) == cfg.num_local_experts
     with pytest.raises(MobileMoEError, match="too small.*at least top-k = 4"):

@@ -81,14 +81,13 @@ def parse_size(text: str) -> int:
 
 
 def _offload(args):
-    if args.cache_experts is None and args.max_memory is None:
-        if args.expert_store:
-            from mobilemoe.errors import MobileMoEError
-
-            raise MobileMoEError("--expert-store needs --cache-experts or --max-memory")
-        return None
     from mobilemoe.errors import MobileMoEError
     from mobilemoe.runtime.offload import ExpertOffload
+
+    if args.cache_experts is None and args.max_memory is None:
+        if args.expert_store:
+            raise MobileMoEError("--expert-store needs --cache-experts or --max-memory")
+        return None
 
     if args.cache_experts is not None and args.max_memory is not None:
         raise MobileMoEError("give --cache-experts or --max-memory, not both")

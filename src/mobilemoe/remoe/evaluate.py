@@ -23,14 +23,9 @@ def expert_bytes(adapter: Adapter, fmt: str = "int4") -> int:
     from mobilemoe.accounting import int4_bytes
 
     if isinstance(adapter, MobileMoEAdapter):
-        from mobilemoe.accounting import tensor_bytes
-        from mobilemoe.layout import tensor_specs
+        from mobilemoe.accounting import routed_expert_bytes
 
-        cfg = adapter.model.config
-        specs = [s for s in tensor_specs(cfg) if s.role == "experts"]
-        layer0 = specs[0].layer
-        total = sum(tensor_bytes(s, fmt) for s in specs if s.layer == layer0)
-        return total // cfg.num_local_experts
+        return routed_expert_bytes(adapter.model.config, fmt)
     # transformers: stacked expert tensors under the MoE block's `experts` module of the first router's block
     name = adapter.router_param_names()[0].rsplit(".", 2)[0]  # e.g. model.layers.0.mlp
     numel = sum(p.numel() for n, p in adapter.model.named_parameters() if n.startswith(name + ".experts."))

@@ -185,15 +185,10 @@ def _make_backend(path: Path, cfg: MobileMoEConfig, max_seq_len: int, backend: s
                   offload: "ExpertOffload | None" = None) -> Backend:
     if backend not in ("auto", "native", "reference"):
         raise MobileMoEError(f"unknown backend {backend!r}: choose auto, native or reference")
-    if offload is not None:
-        from mobilemoe.runtime import native
-
-        if backend == "reference" or not cfg.is_quantized:
-            raise MobileMoEError(f"{path}: expert offloading runs in the native runtime on an INT4 checkpoint "
-                                 f"({'the reference backend was asked for' if cfg.is_quantized else 'this one is float; run mobilemoe quantize'})")
-        if not native.is_available():
-            raise MobileMoEError(f"expert offloading needs the native kernels: {native.unavailable_reason()}")
-        return native.NativeBackend(path, max_seq_len, offload)
+    if offload is not None:  # only the native runtime offloads: its checks below then apply
+        if backend == "reference":
+            raise MobileMoEError(f"{path}: expert offloading runs in the native runtime, not the reference backend")
+        backend = "native"
     if backend == "reference":
         return ReferenceBackend(path, max_seq_len)
     from mobilemoe.runtime import native
@@ -207,4 +202,4 @@ def _make_backend(path: Path, cfg: MobileMoEConfig, max_seq_len: int, backend: s
         if backend == "native":
             raise MobileMoEError(f"native kernels unavailable: {native.unavailable_reason()}")
         return ReferenceBackend(path, max_seq_len)
-    return native.NativeBackend(path, max_seq_len)
+    return native.NativeBackend(path, max_seq_len, offload)

@@ -90,8 +90,7 @@ class NativeBackend:
         store_index: dict | None = None
         if offload is not None:
             self.capacity = off.resolve_capacity(cfg, offload, max_seq_len)
-            self.store_dir = off.ensure_store(path, cfg, offload.store_dir)
-            store_index = off.read_store_index(self.store_dir, cfg)
+            self.store_dir, store_index = off.ensure_store(path, cfg, offload.store_dir)
         specs = spec_map(cfg)
 
         def q(name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,13 +122,13 @@ class NativeBackend:
             has_ffn = not cfg.is_moe_layer(i) or cfg.num_shared_experts > 0
             ffn_gu = linear(f"{ffn}.gate_proj.weight", f"{ffn}.up_proj.weight") if has_ffn else empty
             ffn_dn = linear(f"{ffn}.down_proj.weight") if has_ffn else empty
-            if cfg.is_moe_layer(i) and store_index is not None:  # empty slots, filled on demand
-                gu_codes, gu_scales, dn_codes, dn_scales = off.slot_tensors(store_index, i, self.capacity)
+            if cfg.is_moe_layer(i):
                 router, bias = f32(f"{p}.feed_forward.router.weight"), f32(f"{p}.feed_forward.expert_bias")
-            elif cfg.is_moe_layer(i):
-                gu_codes, gu_scales = _pack_experts(*q(f"{p}.feed_forward.experts.gate_up_proj"), pack_experts)
-                dn_codes, dn_scales = _pack_experts(*q(f"{p}.feed_forward.experts.down_proj"), pack_experts)
-                router, bias = f32(f"{p}.feed_forward.router.weight"), f32(f"{p}.feed_forward.expert_bias")
+                if store_index is not None:  # empty cache slots, filled from the store on demand
+                    gu_codes, gu_scales, dn_codes, dn_scales = off.slot_tensors(store_index, i, self.capacity)
+                else:
+                    gu_codes, gu_scales = _pack_experts(*q(f"{p}.feed_forward.experts.gate_up_proj"), pack_experts)
+                    dn_codes, dn_scales = _pack_experts(*q(f"{p}.feed_forward.experts.down_proj"), pack_experts)
             else:
                 gu_codes = gu_scales = dn_codes = dn_scales = empty
                 router, bias = torch.empty(0, 0), torch.empty(0)

@@ -54,20 +54,12 @@ def _moe_layers(cfg: MobileMoEConfig) -> list[int]:
     return [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
 
 
-def expert_record_bytes(cfg: MobileMoEConfig) -> int:
-    """Bytes of one routed expert (gate_up + down, codes + fp16 scales) in the INT4 format."""
-    from mobilemoe.accounting import int4_bytes
-
-    H, I = cfg.hidden_size, cfg.intermediate_size
-    return int4_bytes(H * 2 * I) + int4_bytes(I * H)
-
-
 def resident_bytes(cfg: MobileMoEConfig, max_seq_len: int) -> int:
     """Bytes the offloading runtime keeps in RAM besides the expert slots: every weight but the
     routed experts, plus the fp16 KV cache at ``max_seq_len``."""
-    from mobilemoe.accounting import kv_cache_bytes, weight_bytes
+    from mobilemoe.accounting import kv_cache_bytes, routed_expert_bytes, weight_bytes
 
-    experts = len(_moe_layers(cfg)) * cfg.num_local_experts * expert_record_bytes(cfg)
+    experts = len(_moe_layers(cfg)) * cfg.num_local_experts * routed_expert_bytes(cfg)
     return weight_bytes(cfg) - experts + kv_cache_bytes(cfg, max_seq_len)
 
 
@@ -76,8 +68,10 @@ def plan_capacity(cfg: MobileMoEConfig, max_memory: int, max_seq_len: int) -> in
 
     Raises when even C = top-k (the least a token can run with) does not fit, naming the numbers.
     """
+    from mobilemoe.accounting import routed_expert_bytes
+
     base = resident_bytes(cfg, max_seq_len)
-    per_slot = len(_moe_layers(cfg)) * expert_record_bytes(cfg)
+    per_slot = len(_moe_layers(cfg)) * routed_expert_bytes(cfg)
     capacity = min(cfg.num_local_experts, (max_memory - base) // per_slot) if max_memory > base else 0
     if capacity < cfg.num_experts_per_tok:
         need = base + cfg.num_experts_per_tok * per_slot
@@ -170,13 +164,14 @@ def read_store_index(store_dir: str | os.PathLike, cfg: MobileMoEConfig | None =
     return index
 
 
-def ensure_store(int4_ckpt: str | os.PathLike, cfg: MobileMoEConfig, store_dir: str | os.PathLike | None) -> Path:
-    """The store for ``int4_ckpt``: ``store_dir`` (default ``<checkpoint>/expert-store``), written if absent."""
+def ensure_store(int4_ckpt: str | os.PathLike, cfg: MobileMoEConfig,
+                 store_dir: str | os.PathLike | None) -> tuple[Path, dict]:
+    """The store for ``int4_ckpt`` and its index (checked against ``cfg``): ``store_dir`` (default
+    ``<checkpoint>/expert-store``), written if absent."""
     d = Path(store_dir) if store_dir is not None else Path(int4_ckpt) / "expert-store"
     if not (d / STORE_INDEX).exists() or not (d / STORE_FILE).exists():
         write_expert_store(int4_ckpt, d)
-    read_store_index(d, cfg)
-    return d
+    return d, read_store_index(d, cfg)
 
 
 def slot_tensors(index: dict, layer: int, capacity: int) -> list[torch.Tensor]:

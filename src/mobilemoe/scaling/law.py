@@ -351,6 +351,18 @@ def _theta_to_params(theta: Sequence[float], joint: bool, e_fixed: float | None,
                      c=math.exp(lc), e_fixed=None if joint else e_fixed, **extra)
 
 
+def _params_or_none(theta: Sequence[float] | None, joint: bool, e_fixed: float | None,
+                    center: tuple[float, float]) -> LawParams | None:
+    """:func:`_theta_to_params`, or None for a failed fit or one whose constants overflow a float
+    (a resample that ran off to an absurd exponent carries no information)."""
+    if theta is None:
+        return None
+    try:
+        return _theta_to_params(theta, joint, e_fixed, center)
+    except OverflowError:
+        return None
+
+
 def _params_to_theta(p: LawParams, joint: bool, center: tuple[float, float]) -> list[float]:
     mn, md = center
     theta = [math.log(p.a) + p.alpha * mn, p.alpha, math.log(p.b) + p.beta * md, p.beta, math.log(max(p.c, 1e-12))]
@@ -507,10 +519,7 @@ def fit_law(runs: Sequence[Run], joint: bool | None = None, n_starts: int = 24, 
         if len(train) < n_free + 1:
             raise LawError(f"family {family}: too few runs left to fit after holding out {n_test}")
         th, _, c_train = _fit(train, joint, starts, huber_delta, max_iter)
-        try:
-            held_params = _theta_to_params(th, joint, e_fixed, c_train) if th is not None else None
-        except OverflowError:
-            held_params = None  # the reduced fit ran out of range: no held-out figure rather than a wrong one
+        held_params = _params_or_none(th, joint, e_fixed, c_train)  # None: no held-out figure, not a wrong one
         if held_params is not None:
             heldout = heldout_error(held_params, test)
             heldout["mode"] = holdout_mode  # type: ignore[assignment]
@@ -518,11 +527,10 @@ def fit_law(runs: Sequence[Run], joint: bool | None = None, n_starts: int = 24, 
     theta, val, center = _fit(runs, joint, starts, huber_delta, max_iter)
     if theta is None:
         raise LawError(f"family {family}: the fit diverged from every start; check the run table")
-    try:
-        params = _theta_to_params(theta, joint, e_fixed, center)
-    except OverflowError:
+    params = _params_or_none(theta, joint, e_fixed, center)
+    if params is None:
         raise LawError(f"family {family}: the best fit has constants out of floating-point range "
-                       "(too few or too noisy runs for this form)") from None
+                       "(too few or too noisy runs for this form)")
 
     intervals: dict[str, tuple[float, float]] = {}
     if bootstrap > 0:
@@ -533,11 +541,8 @@ def fit_law(runs: Sequence[Run], joint: bool | None = None, n_starts: int = 24, 
             counts = np.bincount(np_rng.integers(0, n, n), minlength=n)  # resample = integer weights
             th, _, _ = _fit(runs, joint, [theta], huber_delta, max_iter, weights=counts.astype(np.float64),
                             center=center)
-            if th is None:
-                continue
-            try:
-                p = _theta_to_params(th, joint, e_fixed, center)
-            except OverflowError:  # a resample that ran off to an absurd exponent: no interval information
+            p = _params_or_none(th, joint, e_fixed, center)
+            if p is None:
                 continue
             for k in PARAM_NAMES:
                 samples[k].append(getattr(p, k))
