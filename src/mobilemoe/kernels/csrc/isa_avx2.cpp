@@ -2,8 +2,10 @@
 // No VNNI here: u8 x s8 products via vpmaddubsw. |pair| <= 2*15*127 = 3810, so all 8 k-groups of a
 // block can be summed in int16 (<= 30480) before one vpmaddwd widens them to int32.
 #include <immintrin.h>
+#include <math.h>
 
 #include "mm_common.h"
+#include "vec_math.h"
 
 namespace {
 
@@ -140,6 +142,17 @@ void gemm(const uint8_t* W, int64_t tile_stride, int64_t nkb, int wscaled, int64
     gemm_t<false>(W, tile_stride, nkb, t0, t1, q, d, s, m, out, ldo, n_valid);
 }
 
+void silu_mul(const float* g, const float* u, float* out, int64_t n) {
+  int64_t i = 0;
+  const __m256 one = _mm256_set1_ps(1.f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(g + i);
+    const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, mm256_exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), v))));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(v, sig), _mm256_loadu_ps(u + i)));
+  }
+  for (; i < n; ++i) out[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+}
+
 }  // namespace
 
-extern const mm_kernels mm_kernels_avx2 = {"avx2", quant_row, gemm};
+extern const mm_kernels mm_kernels_avx2 = {"avx2", quant_row, gemm, silu_mul};

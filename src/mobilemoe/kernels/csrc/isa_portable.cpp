@@ -75,6 +75,10 @@ void gemm(const uint8_t* W, int64_t tile_stride, int64_t nkb, int wscaled, int64
   }
 }
 
+void silu_mul(const float* g, const float* u, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+}
+
 }  // namespace
 
-extern const mm_kernels mm_kernels_portable = {"portable", quant_row, gemm};
+extern const mm_kernels mm_kernels_portable = {"portable", quant_row, gemm, silu_mul};

@@ -35,6 +35,8 @@ typedef struct mm_kernels {
   void (*gemm)(const uint8_t* W, int64_t tile_stride, int64_t nkb, int wscaled, int64_t t0, int64_t t1,
                const int8_t* q, const float* d, const int32_t* s, int64_t m, float* out, int64_t ldo,
                int64_t n_valid);
+  // out[i] = silu(g[i]) * u[i] = g[i] / (1 + exp(-g[i])) * u[i] for i < n (the SwiGLU activation).
+  void (*silu_mul)(const float* g, const float* u, float* out, int64_t n);
 } mm_kernels;
 
 extern const mm_kernels mm_kernels_portable;

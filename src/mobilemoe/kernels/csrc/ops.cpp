@@ -98,8 +98,50 @@ inline void cpu_relax() {
 #endif
 }
 
+// The jobs of one call, split into one contiguous segment per worker. A worker runs its own
+// segment front to back, so it streams through neighbouring weights (the hardware and software
+// prefetchers stay ahead; interleaving single jobs between threads restarted every stream at each
+// ~10 KB job and left decode GEMVs well below DRAM bandwidth), touching only its own cache line.
+// A worker whose segment is empty steals single jobs from the back of the others, so an unequal
+// or absent worker (never scheduled on a busy machine) costs no more than before.
+class JobQueue {
+ public:
+  JobQueue(int64_t njobs, int nworkers) : n_(std::max(1, nworkers)), segs_(new Seg[n_]) {
+    for (int w = 0; w < n_; ++w) {
+      const uint64_t b = (uint64_t)(njobs * w / n_), e = (uint64_t)(njobs * (w + 1) / n_);
+      segs_[w].fb.store((b << 32) | e, std::memory_order_relaxed);
+    }
+  }
+  // Next job for worker w (own segment first, then stealing); false when every segment is empty.
+  bool next(int w, int64_t& j) {
+    if (pop(segs_[w % n_], true, j)) return true;
+    for (int v = 1; v < n_; ++v)
+      if (pop(segs_[(w + v) % n_], false, j)) return true;
+    return false;
+  }
+
+ private:
+  struct alignas(64) Seg {
+    std::atomic<uint64_t> fb{0};  // front << 32 | back: the jobs [front, back) not yet claimed
+  };
+  static bool pop(Seg& s, bool front, int64_t& j) {
+    uint64_t cur = s.fb.load(std::memory_order_relaxed);
+    for (;;) {
+      const uint64_t f = cur >> 32, b = cur & 0xFFFFFFFFu;
+      if (f >= b) return false;
+      const uint64_t nxt = front ? ((f + 1) << 32) | b : (f << 32) | (b - 1);
+      if (s.fb.compare_exchange_weak(cur, nxt, std::memory_order_relaxed)) {
+        j = (int64_t)(front ? f : b - 1);
+        return true;
+      }
+    }
+  }
+  int n_;
+  std::unique_ptr<Seg[]> segs_;
+};
+
 // Default threading: a small job pool. The caller and up to nworkers-1 helper threads claim
-// jobs from one atomic counter; the caller waits only for jobs a helper has actually CLAIMED, so a
+// jobs from a JobQueue; the caller waits only for jobs a helper has actually CLAIMED, so a
 // helper the OS has not scheduled yet (busy or shared machine) never stalls a call -- the caller
 // just does its share. An OpenMP region instead waits at its closing barrier for every team thread,
 // which on an oversubscribed machine costs several ms per region: on the shared 2-core dev machine
@@ -141,10 +183,12 @@ class JobPool {
     std::unique_lock<std::mutex> busy(run_mutex_, std::try_to_lock);
     if (!busy.owns_lock()) return false;
     ensure_helpers(nworkers - 1);
+    JobQueue queue(njobs, nworkers);
     Task t;
     t.fn = &fn;
     t.njobs = njobs;
     t.max_workers = nworkers;
+    t.queue = &queue;
     cur_.store(&t, std::memory_order_seq_cst);
     {
       std::lock_guard<std::mutex> lk(m_);
@@ -153,11 +197,7 @@ class JobPool {
     cv_.notify_all();
     {
       c10::ParallelGuard guard(true);  // ATen ops inside jobs run inline
-      int64_t j;
-      while ((j = t.next.fetch_add(1, std::memory_order_relaxed)) < njobs) {
-        fn(j, 0);
-        t.done.fetch_add(1, std::memory_order_release);
-      }
+      run_claimed(t, 0);
     }
     // Unpublish, then wait for claimed jobs and for every helper that may still hold &t.
     cur_.store(nullptr, std::memory_order_seq_cst);
@@ -172,9 +212,21 @@ class JobPool {
     const Fn* fn = nullptr;
     int64_t njobs = 0;
     int max_workers = 1;
-    std::atomic<int64_t> next{0}, done{0};
+    JobQueue* queue = nullptr;
+    std::atomic<int64_t> done{0};
     std::atomic<int> refs{0}, next_worker{1};
   };
+
+  // Run jobs from the queue until none are left; the shared `done` counter is touched once per
+  // worker (a per-job atomic on a shared line cost as much as a decode-sized job).
+  static void run_claimed(Task& t, int w) {
+    int64_t j, n = 0;
+    while (t.queue->next(w, j)) {
+      (*t.fn)(j, w);
+      ++n;
+    }
+    if (n) t.done.fetch_add(n, std::memory_order_release);
+  }
 
   template <typename P>
   static void wait_until(const P& pred) {
@@ -215,13 +267,7 @@ class JobPool {
       entering_.fetch_sub(1, std::memory_order_seq_cst);
       if (!t) continue;
       const int w = t->next_worker.fetch_add(1, std::memory_order_relaxed);
-      if (w < t->max_workers) {
-        int64_t j;
-        while ((j = t->next.fetch_add(1, std::memory_order_relaxed)) < t->njobs) {
-          (*t->fn)(j, w);
-          t->done.fetch_add(1, std::memory_order_release);
-        }
-      }
+      if (w < t->max_workers) run_claimed(*t, w);
       t->refs.fetch_sub(1, std::memory_order_seq_cst);
     }
   }
@@ -257,11 +303,11 @@ void run_jobs(int64_t njobs, int nworkers, const F& fn) {
       for (int64_t j = 0; j < njobs; ++j) fn(j, 0);  // pool busy (another calling thread)
     return;
   }
-  std::atomic<int64_t> next{0};  // OpenMP
+  JobQueue queue(njobs, nworkers);  // OpenMP
   at::parallel_for(0, nworkers, 1, [&](int64_t b, int64_t e) {
     for (int64_t w = b; w < e; ++w) {
       int64_t j;
-      while ((j = next.fetch_add(1, std::memory_order_relaxed)) < njobs) fn(j, static_cast<int>(w));
+      while (queue.next(static_cast<int>(w), j)) fn(j, static_cast<int>(w));
     }
   });
 }
@@ -393,6 +439,8 @@ void expert_group(const mm_kernels* k, const ExpertSet& X, int64_t e, int64_t g,
   const int64_t m = r1 - r0, K = X.in, nkb = X.nkb;
   sc.reserve(m, K);
   const uint16_t* gs = X.scales + (e * X.G + g) * K;
+  // The next group's scale row (K fp16): it is read first by the next job, before any code bytes.
+  for (int64_t off = 0; off < K * 2; off += 64) __builtin_prefetch((const char*)(gs + K) + off);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t row = idx ? idx[r] : r;
     k->quant_row(src + row * ld, gs, K, sc.q.data() + (r - r0) * K, sc.d.data() + (r - r0) * nkb,
@@ -425,28 +473,19 @@ at::Tensor expert_forward(const at::Tensor& codes, const at::Tensor& scales, int
   return y;
 }
 
-// rows [M, 2W] -> contiguous [M, W]: silu(first half) * second half. Small inputs (decode) take a
-// plain loop; larger ones ATen's vectorized silu, in row slices spread over the job pool.
+// rows [M, 2W] (contiguous fp32) -> contiguous [M, W]: silu(first half) * second half, with the
+// ISA's vectorized exp; large inputs in row slices spread over the job pool.
 at::Tensor swiglu_rows(const at::Tensor& gu, int64_t W) {
+  const mm_kernels* k = kernels();
   const int64_t M = gu.size(0);
   at::Tensor h = at::empty({M, W}, gu.options());
-  if (M * W <= 16384) {
-    const float* g = gu.data_ptr<float>();
-    float* o = h.data_ptr<float>();
-    for (int64_t r = 0; r < M; ++r)
-      for (int64_t i = 0; i < W; ++i) {
-        const float v = g[r * 2 * W + i];
-        o[r * W + i] = v / (1.f + std::exp(-v)) * g[r * 2 * W + W + i];
-      }
-    return h;
-  }
+  const float* g = gu.data_ptr<float>();
+  float* o = h.data_ptr<float>();
   const int64_t rows = std::max<int64_t>(1, 16384 / W);
   const int64_t njobs = (M + rows - 1) / rows;
   run_jobs(njobs, workers_for(njobs, 24.0 * M * W), [&](int64_t j, int) {
-    const int64_t r0 = j * rows, n = std::min(M, r0 + rows) - r0;
-    const at::Tensor g = gu.narrow(0, r0, n);
-    at::Tensor hs = h.narrow(0, r0, n);
-    at::mul_out(hs, at::silu(g.narrow(1, 0, W)), g.narrow(1, W, W));
+    for (int64_t r = j * rows; r < std::min(M, (j + 1) * rows); ++r)
+      k->silu_mul(g + r * 2 * W, g + r * 2 * W + W, o + r * W, W);
   });
   return h;
 }
@@ -620,6 +659,12 @@ void set_isa(const std::string& isa) {
 
 // Exported for model.cpp (see ops_api.h).
 namespace mobilemoe_api {
+at::Tensor swiglu(const at::Tensor& gu, int64_t W) {
+  TORCH_CHECK(gu.dtype() == at::kFloat && gu.dim() == 2 && gu.size(1) == 2 * W && gu.is_contiguous(),
+              "swiglu expects a contiguous float32 [M, 2W] tensor");
+  return swiglu_rows(gu, W);
+}
+
 at::Tensor linear(const at::Tensor& packed, int64_t N, int64_t K, const at::Tensor& x) {
   return linear_forward(packed, N, K, x);
 }
