@@ -1,4 +1,4 @@
-"""ReMoE before/after table on a tiny MobileMoE, as JSON.
+"""ReMoE before/after table on a tiny MobileMoE, as JSON (defaults: the run in BENCHMARKS.md).
 
     python benchmarks/remoe_eval.py --model runs/tiny/pretrain/final --out runs/remoe_bench
 
