@@ -7,14 +7,12 @@
 #include "mm_common.h"
 #include "vec_math.h"
 
-#ifndef MM_PF_BLOCKS
-#define MM_PF_BLOCKS 64
-#endif
-#ifndef MM_PF_MAX_MB
-#define MM_PF_MAX_MB 1
-#endif
-
 namespace {
+
+// One-token GEMVs prefetch the whole 256-byte block this many blocks (16 KB) ahead. One line 1 KB
+// ahead (the earlier code) left the LM head at ~40 GB/s; 16 and 32 blocks gave 51-54 GB/s, and 32
+// vs 64 measured alike on the MoE layers. 64 is what the benchmarks in BENCHMARKS.md ran with.
+constexpr int64_t kPrefetchBlocks = 64;
 
 // One block of 32 (the tail path).
 inline void quant_block(const float* x, const uint16_t* mul, int8_t* q, float* d, int32_t* s) {
@@ -139,8 +137,8 @@ inline void tile_kernel(const uint8_t* wt, int64_t nkb, const int8_t* q, const f
     const __m512i w6 = _mm512_and_si512(c3, m4), w7 = _mm512_and_si512(_mm512_srli_epi16(c3, 4), m4);
     __m512 sc = _mm512_set1_ps(1.f);
     if (WS) sc = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ws + b * MM_TILE)));
-    if (MB <= MM_PF_MAX_MB) {
-      const char* pf = (const char*)(wb + MM_PF_BLOCKS * MM_BLOCK_BYTES);
+    if (MB == 1) {
+      const char* pf = (const char*)(wb + kPrefetchBlocks * MM_BLOCK_BYTES);
       _mm_prefetch(pf, _MM_HINT_T0);
       _mm_prefetch(pf + 64, _MM_HINT_T0);
       _mm_prefetch(pf + 128, _MM_HINT_T0);
@@ -227,7 +225,7 @@ void gemm(const uint8_t* W, int64_t tile_stride, int64_t nkb, int wscaled, int64
 void silu_mul(const float* g, const float* u, float* out, int64_t n) {
   const __m512 one = _mm512_set1_ps(1.f);
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
+    const __mmask16 m = mm_mask16(n - i);
     const __m512 v = _mm512_maskz_loadu_ps(m, g + i);
     const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, mm512_exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), v))));
     _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_mul_ps(v, sig), _mm512_maskz_loadu_ps(m, u + i)));

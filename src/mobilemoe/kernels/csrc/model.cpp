@@ -133,13 +133,13 @@ __attribute__((target("avx512f,fma"))) void attend_group_avx512(const float* q, 
     float* sr = scores + r * S;
     __m512 vmax = _mm512_set1_ps(-INFINITY);
     for (int64_t j = 0; j < S; j += 16) {
-      const __mmask16 m = S - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (S - j)) - 1u);
+      const __mmask16 m = mm_mask16(S - j);
       vmax = _mm512_mask_max_ps(vmax, m, vmax, _mm512_maskz_loadu_ps(m, sr + j));
     }
     const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
     __m512 vsum = _mm512_setzero_ps();
     for (int64_t j = 0; j < S; j += 16) {
-      const __mmask16 m = S - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (S - j)) - 1u);
+      const __mmask16 m = mm_mask16(S - j);
       const __m512 e = mm512_exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sr + j), mx));
       _mm512_mask_storeu_ps(sr + j, m, e);
       vsum = _mm512_mask_add_ps(vsum, m, vsum, e);

@@ -7,6 +7,12 @@
 #pragma once
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+#include <stdint.h>
+
+// Lanes [0, min(n, 16)) of a 16-lane mask: the tail of a loop over n floats.
+static inline __mmask16 mm_mask16(int64_t n) {
+  return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
+}
 
 #define MM_EXP_POLY(FMA, MUL, ADD, SET, r)                                         \
   ({                                                                               \
