@@ -100,14 +100,28 @@ def test_linear_dtypes_and_batch_shape(isa):
     assert pl(torch.randn(0, 128)).shape == (0, 64)
 
 
+def block_amax(a: torch.Tensor) -> torch.Tensor:
+    """max |a| per block of 32 along the last dim, broadcast back to a's shape."""
+    b = a.float().unflatten(-1, (-1, 32))
+    return b.abs().amax(-1, keepdim=True).expand_as(b).flatten(-2)
+
+
 def expert_q8_reference(q: torch.Tensor, s: torch.Tensor, e: int, x: torch.Tensor) -> torch.Tensor:
-    """Emulate the expert path: fold scale[i, g] into x, int8-round per 32 along i, dot with codes."""
+    """Emulate the expert path (csrc/mm_common.h): for out-group g the activation x[i] * scale[i, g] is
+    rounded to int8 as round(u * sn) with u = x * 127/max|x|_b and sn = scale / max|scale|_b, step
+    max|x|_b * max|scale|_b / 127; then dotted with the codes. Same fp32 operations as the kernels."""
     from mobilemoe.quant import unpack_int4
     codes = unpack_int4(q[e]).float()  # [in, out]
     sc = s[e].float()  # [in, G]
+    xmax = block_amax(x)
+    # torch.full_like(...) / xmax: one correctly rounded division, as in C (`127.0 / xmax` would be
+    # xmax.reciprocal() * 127, two roundings)
+    u = x.float() * torch.where(xmax > 0, torch.full_like(xmax, 127.0) / xmax, torch.zeros_like(xmax))
     outs = []
     for gidx in range(sc.shape[1]):
-        a = q8_roundtrip(x.float() * sc[:, gidx])
+        smax = block_amax(sc[:, gidx])
+        sn = sc[:, gidx] * torch.where(smax > 0, 1.0 / smax, torch.zeros_like(smax))
+        a = (u * sn).round().clamp(-127, 127) * ((xmax / 127.0) * smax)
         outs.append(a @ codes[:, 32 * gidx: 32 * (gidx + 1)])
     return torch.cat(outs, dim=-1)
 

@@ -23,15 +23,12 @@ inline int32_t hsum8i(__m256i v) {
   return _mm_cvtsi128_si32(m);
 }
 
-void quant_row(const float* x, const uint16_t* mul, int64_t K, int8_t* q, float* d, int32_t* s) {
+void quant_row(const float* x, int64_t K, int8_t* q, float* d, int32_t* s) {
   const int64_t nkb = K / MM_QK;
   const __m256 signbit = _mm256_set1_ps(-0.0f);
   for (int64_t b = 0; b < nkb; ++b) {
     __m256 a[4];
-    for (int i = 0; i < 4; ++i) {
-      a[i] = _mm256_loadu_ps(x + b * MM_QK + 8 * i);
-      if (mul) a[i] = _mm256_mul_ps(a[i], _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mul + b * MM_QK + 8 * i))));
-    }
+    for (int i = 0; i < 4; ++i) a[i] = _mm256_loadu_ps(x + b * MM_QK + 8 * i);
     __m256 mx = _mm256_max_ps(_mm256_andnot_ps(signbit, a[0]), _mm256_andnot_ps(signbit, a[1]));
     mx = _mm256_max_ps(mx, _mm256_max_ps(_mm256_andnot_ps(signbit, a[2]), _mm256_andnot_ps(signbit, a[3])));
     const float amax = hmax8(mx);
@@ -155,4 +152,6 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 
 }  // namespace
 
-extern const mm_kernels mm_kernels_avx2 = {"avx2", quant_row, gemm, silu_mul};
+extern const mm_kernels mm_kernels_avx2 = {"avx2", quant_row, gemm, silu_mul, mm_prep_row_generic,
+                                               mm_quant_scaled_generic,
+                                           mm_prep_scales_generic};

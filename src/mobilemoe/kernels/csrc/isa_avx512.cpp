@@ -2,6 +2,7 @@
 // Compiled with -mavx512f -mavx512bw -mavx512vl -mavx512vnni; only called after a runtime check.
 // GCC 12 false positive: the intrinsics' _mm512_undefined_ps() self-initialisation.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
 #include "mm_common.h"
@@ -15,13 +16,9 @@ namespace {
 constexpr int64_t kPrefetchBlocks = 64;
 
 // One block of 32 (the tail path).
-inline void quant_block(const float* x, const uint16_t* mul, int8_t* q, float* d, int32_t* s) {
-  __m512 a0 = _mm512_loadu_ps(x);
-  __m512 a1 = _mm512_loadu_ps(x + 16);
-  if (mul) {
-    a0 = _mm512_mul_ps(a0, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)mul)));
-    a1 = _mm512_mul_ps(a1, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mul + 16))));
-  }
+inline void quant_block(const float* x, int8_t* q, float* d, int32_t* s) {
+  const __m512 a0 = _mm512_loadu_ps(x);
+  const __m512 a1 = _mm512_loadu_ps(x + 16);
   const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
   const __m512 id = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
   const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(a0, id));  // round to nearest even
@@ -68,7 +65,18 @@ struct AddIOp {
   }
 };
 
-void quant_row(const float* x, const uint16_t* mul, int64_t K, int8_t* q, float* d, int32_t* s) {
+// 8 * (sum of each 32-byte block) for the 16 blocks at q: vpdpbusd with all-ones gives, per 64 bytes
+// (2 blocks), 8 int32 partials per block in 256-bit halves = the pair layout reduce16_from_pairs expects.
+inline void block_sums16(const int8_t* q, int32_t* s) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512 u[8];
+  for (int j = 0; j < 8; ++j)
+    u[j] = _mm512_castsi512_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(q + j * 2 * MM_QK)));
+  const __m512i sums = _mm512_castps_si512(reduce16_from_pairs(u, AddIOp()));
+  _mm512_storeu_si512(s, _mm512_slli_epi32(sums, 3));
+}
+
+void quant_row(const float* x, int64_t K, int8_t* q, float* d, int32_t* s) {
   const int64_t nkb = K / MM_QK;
   int64_t b = 0;
   alignas(64) float buf[16 * MM_QK];
@@ -77,13 +85,8 @@ void quant_row(const float* x, const uint16_t* mul, int64_t K, int8_t* q, float*
     const float* xb = x + b * MM_QK;
     __m512 v[16];
     for (int i = 0; i < 16; ++i) {
-      __m512 a0 = _mm512_loadu_ps(xb + i * MM_QK);
-      __m512 a1 = _mm512_loadu_ps(xb + i * MM_QK + 16);
-      if (mul) {
-        const uint16_t* mb = mul + (b + i) * MM_QK;
-        a0 = _mm512_mul_ps(a0, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)mb)));
-        a1 = _mm512_mul_ps(a1, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mb + 16))));
-      }
+      const __m512 a0 = _mm512_loadu_ps(xb + i * MM_QK);
+      const __m512 a1 = _mm512_loadu_ps(xb + i * MM_QK + 16);
       _mm512_store_ps(buf + i * MM_QK, a0);
       _mm512_store_ps(buf + i * MM_QK + 16, a1);
       v[i] = _mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1));
@@ -100,18 +103,104 @@ void quant_row(const float* x, const uint16_t* mul, int64_t K, int8_t* q, float*
       _mm_storeu_si128((__m128i*)(qb + i * MM_QK), _mm512_cvtsepi32_epi8(i0));
       _mm_storeu_si128((__m128i*)(qb + i * MM_QK + 16), _mm512_cvtsepi32_epi8(i1));
     }
-    // block sums from the stored int8: vpdpbusd with all-ones gives, per 64 bytes (2 blocks),
-    // 8 int32 partials per block in 256-bit halves = the pair layout reduce16_from_pairs expects.
-    const __m512i ones = _mm512_set1_epi8(1);
-    __m512 u[8];
-    for (int j = 0; j < 8; ++j)
-      u[j] = _mm512_castsi512_ps(
-          _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(qb + j * 2 * MM_QK)));
-    const __m512i sums = _mm512_castps_si512(reduce16_from_pairs(u, AddIOp()));
-    _mm512_storeu_si512(s + b, _mm512_slli_epi32(sums, 3));  // 8 * sum
+    block_sums16(qb, s + b);
   }
   for (; b < nkb; ++b)
-    quant_block(x + b * MM_QK, mul ? mul + b * MM_QK : nullptr, q + b * MM_QK, d + b, s + b);
+    quant_block(x + b * MM_QK, q + b * MM_QK, d + b, s + b);
+}
+
+// u = x * 127 / max|x|_b, xd = max|x|_b / 127; 16 blocks at a time (one batched reduction).
+void prep_row(const float* x, int64_t K, float* u, float* xd) {
+  const int64_t nkb = K / MM_QK;
+  int64_t b = 0;
+  alignas(64) float inv[16];
+  for (; b + 16 <= nkb; b += 16) {
+    __m512 v[16];
+    for (int i = 0; i < 16; ++i) {
+      const float* xb = x + (b + i) * MM_QK;
+      v[i] = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(xb)), _mm512_abs_ps(_mm512_loadu_ps(xb + 16)));
+    }
+    const __m512 m = reduce16(v, MaxOp());
+    const __mmask16 nz = _mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_GT_OQ);
+    _mm512_storeu_ps(xd + b, _mm512_div_ps(m, _mm512_set1_ps(127.f)));
+    _mm512_store_ps(inv, _mm512_maskz_div_ps(nz, _mm512_set1_ps(127.f), m));
+    for (int i = 0; i < 16; ++i) {
+      const int64_t o = (b + i) * MM_QK;
+      const __m512 f = _mm512_set1_ps(inv[i]);
+      _mm512_storeu_ps(u + o, _mm512_mul_ps(_mm512_loadu_ps(x + o), f));
+      _mm512_storeu_ps(u + o + 16, _mm512_mul_ps(_mm512_loadu_ps(x + o + 16), f));
+    }
+  }
+  for (; b < nkb; ++b) {  // tail blocks one at a time
+    const int64_t o = b * MM_QK;
+    const __m512 a0 = _mm512_loadu_ps(x + o), a1 = _mm512_loadu_ps(x + o + 16);
+    const float m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
+    const __m512 f = _mm512_set1_ps(m > 0.f ? 127.f / m : 0.f);
+    _mm512_storeu_ps(u + o, _mm512_mul_ps(a0, f));
+    _mm512_storeu_ps(u + o + 16, _mm512_mul_ps(a1, f));
+    xd[b] = m / 127.f;
+  }
+}
+
+// q = round(u * sn) per element (bounded by 127 by construction), s = 8 * block sums.
+void quant_scaled(const float* u, const float* sn, int64_t K, int8_t* q, int32_t* s) {
+  const int64_t nkb = K / MM_QK;
+  int64_t b = 0;
+  for (; b + 16 <= nkb; b += 16) {
+    for (int64_t i = b * MM_QK; i < (b + 16) * MM_QK; i += 32) {
+      const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(u + i), _mm512_loadu_ps(sn + i)));
+      const __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(u + i + 16), _mm512_loadu_ps(sn + i + 16)));
+      _mm_storeu_si128((__m128i*)(q + i), _mm512_cvtsepi32_epi8(i0));
+      _mm_storeu_si128((__m128i*)(q + i + 16), _mm512_cvtsepi32_epi8(i1));
+    }
+    block_sums16(q + b * MM_QK, s + b);
+  }
+  for (; b < nkb; ++b) {
+    const int64_t i = b * MM_QK;
+    const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(u + i), _mm512_loadu_ps(sn + i)));
+    const __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(u + i + 16), _mm512_loadu_ps(sn + i + 16)));
+    _mm_storeu_si128((__m128i*)(q + i), _mm512_cvtsepi32_epi8(i0));
+    _mm_storeu_si128((__m128i*)(q + i + 16), _mm512_cvtsepi32_epi8(i1));
+    s[b] = 8 * _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+  }
+}
+
+// sn = scale / max|scale|_b, smax = max|scale|_b; 16 blocks at a time (one batched reduction).
+void prep_scales(const uint16_t* scale, int64_t K, float* sn, float* smax) {
+  const int64_t nkb = K / MM_QK;
+  int64_t b = 0;
+  alignas(64) float inv[16];
+  for (; b + 16 <= nkb; b += 16) {
+    __m512 v[16];
+    for (int i = 0; i < 16; ++i) {
+      const int64_t o = (b + i) * MM_QK;
+      const __m512 a0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(scale + o)));
+      const __m512 a1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(scale + o + 16)));
+      _mm512_storeu_ps(sn + o, a0);
+      _mm512_storeu_ps(sn + o + 16, a1);
+      v[i] = _mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1));
+    }
+    const __m512 m = reduce16(v, MaxOp());
+    const __mmask16 nz = _mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_GT_OQ);
+    _mm512_storeu_ps(smax + b, m);
+    _mm512_store_ps(inv, _mm512_maskz_div_ps(nz, _mm512_set1_ps(1.f), m));
+    for (int i = 0; i < 16; ++i) {
+      const int64_t o = (b + i) * MM_QK;
+      const __m512 f = _mm512_set1_ps(inv[i]);
+      _mm512_storeu_ps(sn + o, _mm512_mul_ps(_mm512_loadu_ps(sn + o), f));
+      _mm512_storeu_ps(sn + o + 16, _mm512_mul_ps(_mm512_loadu_ps(sn + o + 16), f));
+    }
+  }
+  for (; b < nkb; ++b) {  // tail blocks one at a time
+    const int64_t o = b * MM_QK;
+    const __m512 a0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(scale + o)));
+    const __m512 a1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(scale + o + 16)));
+    const float m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
+    const __m512 f = _mm512_set1_ps(m > 0.f ? 1.f / m : 0.f);
+    _mm512_storeu_ps(sn + o, _mm512_mul_ps(a0, f));
+    _mm512_storeu_ps(sn + o + 16, _mm512_mul_ps(a1, f));
+    smax[b] = m;
+  }
 }
 
 // One 16-row tile for MB tokens over all K blocks (MB <= 8 float accumulators stay in registers;
@@ -234,4 +323,4 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 
 }  // namespace
 
-extern const mm_kernels mm_kernels_avx512 = {"avx512", quant_row, gemm, silu_mul};
+extern const mm_kernels mm_kernels_avx512 = {"avx512", quant_row, gemm, silu_mul, prep_row, quant_scaled, prep_scales};

@@ -5,14 +5,13 @@
 
 namespace {
 
-void quant_row(const float* x, const uint16_t* mul, int64_t K, int8_t* q, float* d, int32_t* s) {
+void quant_row(const float* x, int64_t K, int8_t* q, float* d, int32_t* s) {
   const int64_t nkb = K / MM_QK;
   for (int64_t b = 0; b < nkb; ++b) {
     float a[MM_QK];
     float amax = 0.f;
     for (int i = 0; i < MM_QK; ++i) {
-      float v = x[b * MM_QK + i];
-      if (mul) v *= mm_half_to_float(mul[b * MM_QK + i]);
+      const float v = x[b * MM_QK + i];
       a[i] = v;
       float av = fabsf(v);
       amax = av > amax ? av : amax;
@@ -81,4 +80,6 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 
 }  // namespace
 
-extern const mm_kernels mm_kernels_portable = {"portable", quant_row, gemm, silu_mul};
+extern const mm_kernels mm_kernels_portable = {"portable", quant_row, gemm, silu_mul, mm_prep_row_generic,
+                                               mm_quant_scaled_generic,
+                                               mm_prep_scales_generic};

@@ -18,6 +18,13 @@
 //   block (the llama.cpp Q4_0 x Q8_0 trick).
 // Activations are quantized per row to int8 per block of 32 (Q8_0): q[K], d[nkb] (fp32 scale),
 //   s[nkb] = 8 * sum(q in block).
+// Routed experts keep their scales along `out` (the checkpoint format), so output group g needs the
+//   activation x[k] * scale[k, g]. Its int8 form is q = round(u[k] * sn[k]) with u = x * 127 / max|x|_b
+//   (prep_row, once per token row) and sn = scale / max|scale|_b (prep_scales, once per group), i.e.
+//   step d = max|x|_b * max|scale|_b / 127 per block b: the product of the two block maxima instead
+//   of max|x * scale|_b. That is at most slightly coarser (the scales of one group vary little along
+//   k) and lets all tokens of a group share one scale preparation instead of a max-reduction per
+//   (token, group): at prefill the old per-group re-quantization cost as much as the GEMMs.
 #pragma once
 #include <stdint.h>
 #include <string.h>
@@ -28,8 +35,8 @@
 
 typedef struct mm_kernels {
   const char* name;
-  // One activation row: x[K] (optionally multiplied elementwise by fp16 mul[K]) -> q, d, s.
-  void (*quant_row)(const float* x, const uint16_t* mul, int64_t K, int8_t* q, float* d, int32_t* s);
+  // One activation row: x[K] -> q, d, s.
+  void (*quant_row)(const float* x, int64_t K, int8_t* q, float* d, int32_t* s);
   // out[j*ldo + 16*t + r] = sum_k x_j[k] * W[16t + r, k] for tiles t in [t0, t1), tokens j < m,
   // columns >= n_valid are not written. q/d/s hold m rows (row stride K = 32*nkb, nkb).
   void (*gemm)(const uint8_t* W, int64_t tile_stride, int64_t nkb, int wscaled, int64_t t0, int64_t t1,
@@ -37,6 +44,12 @@ typedef struct mm_kernels {
                int64_t n_valid);
   // out[i] = silu(g[i]) * u[i] = g[i] / (1 + exp(-g[i])) * u[i] for i < n (the SwiGLU activation).
   void (*silu_mul)(const float* g, const float* u, float* out, int64_t n);
+  // Expert activations (see above): u[k] = x[k] * 127 / max|x|_b, xd[b] = max|x|_b / 127 (0: zero block).
+  void (*prep_row)(const float* x, int64_t K, float* u, float* xd);
+  // q[k] = round(u[k] * sn[k]) in [-127, 127], s[b] = 8 * sum(q in b).
+  void (*quant_scaled)(const float* u, const float* sn, int64_t K, int8_t* q, int32_t* s);
+  // sn[k] = scale[k] / max|scale|_b (fp16 in, fp32 out; 0 for an all-zero block), smax[b] = max|scale|_b.
+  void (*prep_scales)(const uint16_t* scale, int64_t K, float* sn, float* smax);
 } mm_kernels;
 
 extern const mm_kernels mm_kernels_portable;
@@ -67,6 +80,49 @@ static inline float mm_half_to_float(uint16_t h) {
   float f;
   memcpy(&f, &bits, 4);
   return f;
+}
+
+// ---- generic (any ISA) versions of the expert-activation steps; the ISA units may override ----
+// GCC builtins instead of <math.h>: this header stays free of C++ library inline templates.
+
+static inline void mm_prep_row_generic(const float* x, int64_t K, float* u, float* xd) {
+  for (int64_t b = 0; b < K / MM_QK; ++b) {
+    float amax = 0.f;
+    for (int i = 0; i < MM_QK; ++i) {
+      const float a = __builtin_fabsf(x[b * MM_QK + i]);
+      amax = a > amax ? a : amax;
+    }
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    for (int i = 0; i < MM_QK; ++i) u[b * MM_QK + i] = x[b * MM_QK + i] * inv;
+    xd[b] = amax / 127.f;
+  }
+}
+
+static inline void mm_prep_scales_generic(const uint16_t* scale, int64_t K, float* sn, float* smax) {
+  for (int64_t b = 0; b < K / MM_QK; ++b) {
+    float m = 0.f;
+    for (int i = 0; i < MM_QK; ++i) {
+      sn[b * MM_QK + i] = mm_half_to_float(scale[b * MM_QK + i]);
+      const float a = __builtin_fabsf(sn[b * MM_QK + i]);
+      m = a > m ? a : m;
+    }
+    const float inv = m > 0.f ? 1.f / m : 0.f;
+    for (int i = 0; i < MM_QK; ++i) sn[b * MM_QK + i] *= inv;
+    smax[b] = m;
+  }
+}
+
+static inline void mm_quant_scaled_generic(const float* u, const float* sn, int64_t K, int8_t* q, int32_t* s) {
+  for (int64_t b = 0; b < K / MM_QK; ++b) {
+    int32_t sum = 0;
+    for (int i = 0; i < MM_QK; ++i) {
+      int v = (int)__builtin_nearbyintf(u[b * MM_QK + i] * sn[b * MM_QK + i]);
+      v = v > 127 ? 127 : (v < -127 ? -127 : v);
+      q[b * MM_QK + i] = (int8_t)v;
+      sum += v;
+    }
+    s[b] = 8 * sum;
+  }
 }
 
 static inline int32_t mm_ld32(const int8_t* p) {

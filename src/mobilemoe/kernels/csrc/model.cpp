@@ -163,6 +163,57 @@ __attribute__((target("avx512f,fma"))) void attend_group_avx512(const float* q, 
 
 using AttendFn = void (*)(const float*, const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t, float*, float*);
 
+// ---- decode router: fp32 logits of rows [e0, e1) of the router weight [E, H] for one token -------
+// Each logit is summed in a fixed order (independent of threads); sigmoid applied when asked.
+void router_rows_portable(const float* h, const float* W, int64_t H, int64_t e0, int64_t e1, bool sigmoid,
+                          float* out) {
+  for (int64_t e = e0; e < e1; ++e) {
+    float acc = 0.f;
+    for (int64_t i = 0; i < H; ++i) acc += h[i] * W[e * H + i];
+    out[e] = sigmoid ? 1.f / (1.f + std::exp(-acc)) : acc;
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// Four rows at a time (four independent FMA chains sharing each load of h), prefetching the rows
+// ahead (the router is evicted by the ~150 MB of weights each token streams) and a vectorized sigmoid.
+__attribute__((target("avx512f,fma"))) void router_rows_avx512(const float* h, const float* W, int64_t H,
+                                                                int64_t e0, int64_t e1, bool sigmoid, float* out) {
+  for (int64_t e = e0; e < e1; e += 4) {
+    const int n = (int)std::min<int64_t>(4, e1 - e);
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t i = 0; i < H; i += 16) {
+      const __mmask16 m = mm_mask16(H - i);
+      const __m512 hv = _mm512_maskz_loadu_ps(m, h + i);
+      for (int r = 0; r < n; ++r) {
+        const float* row = W + (e + r) * H + i;
+        _mm_prefetch((const char*)(row + 4 * H), _MM_HINT_T0);
+        acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, row), hv, acc[r]);
+      }
+    }
+    for (int r = 0; r < n; ++r) out[e + r] = _mm512_reduce_add_ps(acc[r]);
+  }
+  if (!sigmoid) return;
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t e = e0; e < e1; e += 16) {
+    const __mmask16 m = mm_mask16(e1 - e);
+    const __m512 v = _mm512_maskz_loadu_ps(m, out + e);
+    _mm512_mask_storeu_ps(out + e, m, _mm512_div_ps(one, _mm512_add_ps(one, mm512_exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), v)))));
+  }
+}
+#endif
+
+using RouterFn = void (*)(const float*, const float*, int64_t, int64_t, int64_t, bool, float*);
+
+RouterFn pick_router() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  const char* forced = std::getenv("MOBILEMOE_KERNEL_ISA");
+  const bool allow = !forced || std::string(forced) == "avx512";
+  if (allow && __builtin_cpu_supports("avx512f")) return router_rows_avx512;
+#endif
+  return router_rows_portable;
+}
+
 AttendFn pick_attend(int64_t D, int64_t G) {
 #if defined(__x86_64__) && defined(__GNUC__)
   const char* forced = std::getenv("MOBILEMOE_KERNEL_ISA");
@@ -202,6 +253,7 @@ class NativeModel {
         embed_s(embed_s.contiguous()), head(head), final_norm(final_norm.contiguous()) {
     TORCH_CHECK(cos_.size(0) >= max_len && cos_.size(1) == D / 2, "rope tables must be [max_len, D/2]");
     attend = pick_attend(D, nH / nKV);
+    router_rows = pick_router();
   }
 
   void add_layer(at::Tensor in_norm, at::Tensor post_norm, at::Tensor qkv, at::Tensor o, bool rope, bool moe,
@@ -407,28 +459,24 @@ class NativeModel {
 
   at::Tensor moe(Layer& L, const at::Tensor& h) {
     const int64_t T = h.size(0);
-    // fp32 router scores. One token: a plain loop (ATen's dispatch costs more than the 60 x H dots);
-    // more: row chunks as pool jobs with the ATen ops inline (see attention()).
+    // fp32 router scores. One token: the router_rows kernel (ATen's dispatch costs more than the
+    // 60 x H dots); more: row chunks as pool jobs with the ATen ops inline (see attention()).
     at::Tensor scores = at::empty({T, E}, h.options());
     if (T == 1) {
       const float* hp = h.data_ptr<float>();
       const float* wr = L.router.data_ptr<float>();
       float* sp = scores.data_ptr<float>();
-      float mx = -INFINITY;
-      for (int64_t e = 0; e < E; ++e) {
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t i = 0; i < H; ++i) acc += hp[i] * wr[e * H + i];
-        sp[e] = acc;
-        mx = std::max(mx, acc);
-      }
-      float total = 0.f;
-      for (int64_t e = 0; e < E; ++e) {
-        sp[e] = sigmoid ? 1.f / (1.f + std::exp(-sp[e])) : std::exp(sp[e] - mx);
-        total += sp[e];
-      }
-      if (!sigmoid)
+      // two halves on the job pool (a multiple of 4 rows each): the 60 x H fp32 rows come from DRAM
+      const int64_t half = (E / 2 + 3) / 4 * 4;
+      mobilemoe_api::parallel_jobs(2, [&](int64_t j) {
+        router_rows(hp, wr, H, j ? std::min(half, E) : 0, j ? E : std::min(half, E), sigmoid, sp);
+      });
+      if (!sigmoid) {
+        const float mx = *std::max_element(sp, sp + E);
+        float total = 0.f;
+        for (int64_t e = 0; e < E; ++e) total += (sp[e] = std::exp(sp[e] - mx));
         for (int64_t e = 0; e < E; ++e) sp[e] /= total;
+      }
     } else {
     const int64_t chunk = 64, nchunks = (T + chunk - 1) / chunk;
     mobilemoe_api::parallel_jobs(nchunks, [&](int64_t c) {
@@ -578,6 +626,7 @@ class NativeModel {
   std::vector<at::Tensor> kcache, vcache;
   Profiler prof;
   AttendFn attend;
+  RouterFn router_rows;
   int store_fd = -1;
   bool drop_cache = false;
   OffloadStats ostats;

@@ -344,7 +344,7 @@ void quantize_rows(const mm_kernels* k, const float* x, int64_t M, int64_t K, QA
   const int64_t njobs = (M + rows_per_job - 1) / rows_per_job;
   run_jobs(njobs, workers_for(njobs, 8.0 * M * K), [&](int64_t j, int) {
     for (int64_t r = j * rows_per_job; r < std::min(M, (j + 1) * rows_per_job); ++r)
-      k->quant_row(x + r * K, nullptr, K, out.q.data() + r * K, out.d.data() + r * nkb, out.s.data() + r * nkb);
+      k->quant_row(x + r * K, K, out.q.data() + r * K, out.d.data() + r * nkb, out.s.data() + r * nkb);
   });
 }
 
@@ -418,33 +418,58 @@ ExpertSet expert_set(const at::Tensor& codes, const at::Tensor& scales, int64_t 
   return s;
 }
 
-struct Scratch {  // per-worker buffers for group-scaled activations
+struct Scratch {  // per-worker buffers of one expert group: its int8 activations and scale row
   std::vector<int8_t> q;
-  std::vector<float> d;
+  std::vector<float> d, sn, smax;
   std::vector<int32_t> s;
   void reserve(int64_t rows, int64_t K) {
+    const int64_t nkb = K / MM_QK;
     if ((int64_t)q.size() < rows * K) q.resize(rows * K);
-    if ((int64_t)d.size() < rows * (K / MM_QK)) {
-      d.resize(rows * (K / MM_QK));
-      s.resize(rows * (K / MM_QK));
+    if ((int64_t)d.size() < rows * nkb) {
+      d.resize(rows * nkb);
+      s.resize(rows * nkb);
+    }
+    if ((int64_t)sn.size() < K) {
+      sn.resize(K);
+      smax.resize(nkb);
     }
   }
 };
 
-// One expert, one 32-wide output group g, rows [r0, r1) of src (row r at src + idx(r) * ld):
-// a_g[i] = x[i] * scale[e, i, g] quantized per 32 i, then int8 dots over i. Exact up to the int8
-// rounding of a_g (the fp16 scale folds into the activation, the codes are used as they are).
-void expert_group(const mm_kernels* k, const ExpertSet& X, int64_t e, int64_t g, const float* src, int64_t ld,
+// Rows [M, K] prepared for the expert kernels (mm_common.h): u = x * 127 / max|x|_b, xd = max|x|_b / 127.
+struct RowPrep {
+  std::vector<float> u, xd;
+};
+
+void prep_rows(const mm_kernels* k, const float* x, int64_t M, int64_t K, RowPrep& out) {
+  const int64_t nkb = K / MM_QK;
+  out.u.resize(M * K);
+  out.xd.resize(M * nkb);
+  const int64_t rows_per_job = 16;
+  const int64_t njobs = (M + rows_per_job - 1) / rows_per_job;
+  run_jobs(njobs, workers_for(njobs, 4.0 * M * K), [&](int64_t j, int) {
+    for (int64_t r = j * rows_per_job; r < std::min(M, (j + 1) * rows_per_job); ++r)
+      k->prep_row(x + r * K, K, out.u.data() + r * K, out.xd.data() + r * nkb);
+  });
+}
+
+// One expert, one 32-wide output group g, rows [r0, r1) of the prepared rows (row r is idx[r], or r):
+// the group's scale row is prepared once (sn, smax), then each row is rounded to int8 with step
+// xd[row, b] * smax[b] and dotted with the codes as they are.
+void expert_group(const mm_kernels* k, const ExpertSet& X, int64_t e, int64_t g, const RowPrep& src,
                   const int64_t* idx, int64_t r0, int64_t r1, float* out, int64_t ldo, Scratch& sc) {
   const int64_t m = r1 - r0, K = X.in, nkb = X.nkb;
   sc.reserve(m, K);
   const uint16_t* gs = X.scales + (e * X.G + g) * K;
   // The next group's scale row (K fp16): it is read first by the next job, before any code bytes.
   for (int64_t off = 0; off < K * 2; off += 64) __builtin_prefetch((const char*)(gs + K) + off);
+  k->prep_scales(gs, K, sc.sn.data(), sc.smax.data());
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t row = idx ? idx[r] : r;
-    k->quant_row(src + row * ld, gs, K, sc.q.data() + (r - r0) * K, sc.d.data() + (r - r0) * nkb,
-                 sc.s.data() + (r - r0) * nkb);
+    k->quant_scaled(src.u.data() + row * K, sc.sn.data(), K, sc.q.data() + (r - r0) * K, sc.s.data() + (r - r0) * nkb);
+    const float* xd = src.xd.data() + row * nkb;
+    float* d = sc.d.data() + (r - r0) * nkb;
+    for (int64_t b = 0; b < nkb; ++b) d[b] = xd[b] * sc.smax[b];
   }
   k->gemm(X.codes + e * X.expert_bytes, X.tile_stride, nkb, 0, 2 * g, 2 * g + 2, sc.q.data(), sc.d.data(),
           sc.s.data(), m, out + r0 * ldo, ldo, X.out);
@@ -463,43 +488,56 @@ at::Tensor expert_forward(const at::Tensor& codes, const at::Tensor& scales, int
   const int64_t njobs = nch * X.G;
   const int nw = workers_for(njobs, (double)X.expert_bytes * 1.125 + (double)M * in * out / 12.0);
   std::vector<Scratch> scratch(nw);
-  const float* xp = x.data_ptr<float>();
+  RowPrep xr;
+  prep_rows(k, x.data_ptr<float>(), M, in, xr);
   float* yp = y.data_ptr<float>();
   run_jobs(njobs, nw, [&](int64_t j, int w) {
     const int64_t c = j / X.G, g = j % X.G;
-    expert_group(k, X, e, g, xp, in, nullptr, c * TOKEN_CHUNK, std::min(M, (c + 1) * TOKEN_CHUNK), yp, out,
+    expert_group(k, X, e, g, xr, nullptr, c * TOKEN_CHUNK, std::min(M, (c + 1) * TOKEN_CHUNK), yp, out,
                  scratch[w]);
   });
   return y;
 }
 
-// rows [M, 2W] (contiguous fp32) -> contiguous [M, W]: silu(first half) * second half, with the
-// ISA's vectorized exp; large inputs in row slices spread over the job pool.
-at::Tensor swiglu_rows(const at::Tensor& gu, int64_t W) {
-  const mm_kernels* k = kernels();
-  const int64_t M = gu.size(0);
-  at::Tensor h = at::empty({M, W}, gu.options());
-  const float* g = gu.data_ptr<float>();
-  float* o = h.data_ptr<float>();
+// rows [M, 2W] (contiguous fp32) -> out [M, W]: silu(first half) * second half, with the ISA's
+// vectorized exp; large inputs in row slices spread over the job pool.
+void swiglu_into(const mm_kernels* k, const float* g, int64_t M, int64_t W, float* o) {
   const int64_t rows = std::max<int64_t>(1, 16384 / W);
   const int64_t njobs = (M + rows - 1) / rows;
   run_jobs(njobs, workers_for(njobs, 24.0 * M * W), [&](int64_t j, int) {
     for (int64_t r = j * rows; r < std::min(M, (j + 1) * rows); ++r)
       k->silu_mul(g + r * 2 * W, g + r * 2 * W + W, o + r * W, W);
   });
-  return h;
 }
 
-struct Buf {  // uninitialized float scratch (every element is written before it is read)
-  std::unique_ptr<float[]> p;
-  explicit Buf(int64_t n) : p(n > 0 ? new float[n] : nullptr) {}
-  float* data() { return p.get(); }
-};
+at::Tensor swiglu_rows(const at::Tensor& gu, int64_t W) {
+  at::Tensor h = at::empty({gu.size(0), W}, gu.options());
+  swiglu_into(kernels(), gu.data_ptr<float>(), gu.size(0), W, h.data_ptr<float>());
+  return h;
+}
 
 struct Job {
   int kind;  // 0 = routed expert group, 1 = shared linear tile block
   int64_t e, g, a0, a1;
 };
+
+// Buffers of the fused MoE operator, kept per calling thread and reused (capacity only grows): at
+// decode a layer is ~0.1 ms, and allocating and zeroing a dozen buffers per call cost several us.
+struct MoEWorkspace {
+  std::vector<int64_t> offs, fill, token_of, slot_of;
+  std::vector<Job> jobs;
+  std::vector<Scratch> scratch;  // one per worker
+  std::vector<float> gu, sgu, h, hs, y, ys;
+  QAct xq, hq;
+  RowPrep xr, hr;
+};
+
+// Resize without keeping old values cheaply: every element is written before it is read.
+template <typename T>
+T* sized(std::vector<T>& v, int64_t n) {
+  if ((int64_t)v.size() < n) v.resize(n);
+  return v.data();
+}
 
 // The fused MoE layer. x [T, H]; ids/weights [T, k]; routed experts gate_up [E, H, 2I] and
 // down [E, I, H] (packed); optional shared SwiGLU: fused gate/up PackedLinear [2S, H] and down [H, S].
@@ -524,107 +562,120 @@ at::Tensor moe_forward(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   }
   const mm_kernels* k = kernels();
   const int64_t E = GU.E, A = T * kk;
-  at::Tensor out = at::zeros({T, H}, x.options());
+  at::Tensor out = at::empty({T, H}, x.options());
   if (T == 0) return out;
+  // The calling thread's workspace, by reference: the job lambdas run on other threads too, and a
+  // thread_local named inside them would resolve to each runner's own (empty) instance.
+  thread_local MoEWorkspace tls_workspace;
+  MoEWorkspace& ws = tls_workspace;
 
   // Group the T*k assignments by expert (stable counting sort). An id of -1 skips that
   // assignment (the offloading runtime runs a layer in batches of resident experts).
   const int64_t* idp = ids.data_ptr<int64_t>();
-  std::vector<int64_t> offs(E + 1, 0), token_of(A), slot_of(A, -1);
+  int64_t* offs = sized(ws.offs, E + 1);
+  int64_t* fill = sized(ws.fill, E);
+  int64_t* token_of = sized(ws.token_of, A);
+  int64_t* slot_of = sized(ws.slot_of, A);
+  std::fill(offs, offs + E + 1, 0);
   for (int64_t a = 0; a < A; ++a) {
     TORCH_CHECK(idp[a] >= -1 && idp[a] < E, "expert id ", idp[a], " out of range [0, ", E, ")");
     if (idp[a] >= 0) offs[idp[a] + 1]++;
   }
   for (int64_t e = 0; e < E; ++e) offs[e + 1] += offs[e];
-  {
-    std::vector<int64_t> fill(offs.begin(), offs.end() - 1);
-    for (int64_t a = 0; a < A; ++a) {
-      if (idp[a] < 0) continue;
-      const int64_t p = fill[idp[a]]++;
-      token_of[p] = a / kk;
-      slot_of[a] = p;
-    }
+  std::copy(offs, offs + E, fill);
+  for (int64_t a = 0; a < A; ++a) {
+    slot_of[a] = -1;
+    if (idp[a] < 0) continue;
+    const int64_t p = fill[idp[a]]++;
+    token_of[p] = a / kk;
+    slot_of[a] = p;
   }
   const float* xp = x.data_ptr<float>();
-  QAct xq, hq;
-  if (shared) quantize_rows(k, xp, T, H, xq);
-
-  // Stage 1: every chosen expert's gate_up (per output group) and the shared gate_up.
-  const auto fopt = x.options();
-  at::Tensor gu_t = at::empty({offs[E], 2 * I}, fopt), sgu_t = at::empty({shared ? T : 0, 2 * S}, fopt);
-  float* gu = gu_t.data_ptr<float>();
-  float* sgu = sgu_t.data_ptr<float>();
-  std::vector<Job> jobs;
-  for (int64_t e = 0; e < E; ++e)
-    for (int64_t a0 = offs[e]; a0 < offs[e + 1]; a0 += TOKEN_CHUNK)
-      for (int64_t g = 0; g < GU.G; ++g) jobs.push_back({0, e, g, a0, std::min(offs[e + 1], a0 + TOKEN_CHUNK)});
-  const int64_t sh_tiles1 = (2 * S + MM_TILE - 1) / MM_TILE, sh_tiles2 = (H + MM_TILE - 1) / MM_TILE;
-  if (shared)
-    for (int64_t m0 = 0; m0 < T; m0 += TOKEN_CHUNK)
-      for (int64_t t0 = 0; t0 < sh_tiles1; t0 += TILE_BLOCK) jobs.push_back({1, 0, t0, m0, std::min(T, m0 + TOKEN_CHUNK)});
-  // Work estimate for the whole layer (decides one thread vs all): bytes of the chosen experts and
-  // the shared expert, plus MACs/12.
+  if (shared) quantize_rows(k, xp, T, H, ws.xq);
+  prep_rows(k, xp, T, H, ws.xr);
+  const int64_t R = offs[E];  // routed rows (assignments kept)
   int64_t active = 0;
   for (int64_t e = 0; e < E; ++e) active += offs[e + 1] > offs[e];
+  // Work estimate for the whole layer (decides one thread vs all): bytes of the chosen experts and
+  // the shared expert, plus MACs/12.
   const double moe_work = (double)active * (GU.expert_bytes + DN.expert_bytes) * 1.125 +
                           (shared ? (double)sh_gu.numel() + (double)sh_dn.numel() : 0.0) +
                           (double)T * (3.0 * kk * H * I + (shared ? 3.0 * H * S : 0.0)) / 12.0;
-  int nw = workers_for((int64_t)jobs.size(), moe_work);
-  std::vector<Scratch> scratch(at::get_num_threads());
-  run_jobs((int64_t)jobs.size(), nw, [&](int64_t j, int w) {
-    const Job& jb = jobs[j];
+  if ((int64_t)ws.scratch.size() < at::get_num_threads()) ws.scratch.resize(at::get_num_threads());
+  const int64_t sh_tiles1 = (2 * S + MM_TILE - 1) / MM_TILE, sh_tiles2 = (H + MM_TILE - 1) / MM_TILE;
+  // One stage's jobs: every chosen expert's output groups per token chunk, then the shared linear's
+  // tile blocks per token chunk.
+  auto build_jobs = [&](int64_t groups, int64_t sh_tiles) {
+    ws.jobs.clear();
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t a0 = offs[e]; a0 < offs[e + 1]; a0 += TOKEN_CHUNK)
+        for (int64_t g = 0; g < groups; ++g) ws.jobs.push_back({0, e, g, a0, std::min(offs[e + 1], a0 + TOKEN_CHUNK)});
+    if (shared)
+      for (int64_t m0 = 0; m0 < T; m0 += TOKEN_CHUNK)
+        for (int64_t t0 = 0; t0 < sh_tiles; t0 += TILE_BLOCK)
+          ws.jobs.push_back({1, 0, t0, m0, std::min(T, m0 + TOKEN_CHUNK)});
+    return (int64_t)ws.jobs.size();
+  };
+
+  // Stage 1: every chosen expert's gate_up (per output group) and the shared gate_up.
+  float* gu = sized(ws.gu, R * 2 * I);
+  float* sgu = sized(ws.sgu, shared ? T * 2 * S : 0);
+  int64_t njobs = build_jobs(GU.G, sh_tiles1);
+  run_jobs(njobs, workers_for(njobs, moe_work), [&](int64_t j, int w) {
+    const Job& jb = ws.jobs[j];
     if (jb.kind == 0) {
-      expert_group(k, GU, jb.e, jb.g, xp, H, token_of.data(), jb.a0, jb.a1, gu, 2 * I, scratch[w]);
+      expert_group(k, GU, jb.e, jb.g, ws.xr, token_of, jb.a0, jb.a1, gu, 2 * I, ws.scratch[w]);
     } else {
       const int64_t nkb = H / MM_QK;
+      const QAct& a = ws.xq;
       k->gemm(sh_gu.data_ptr<uint8_t>(), sh_gu.size(1), nkb, 1, jb.g, std::min(sh_tiles1, jb.g + TILE_BLOCK),
-              xq.q.data() + jb.a0 * H, xq.d.data() + jb.a0 * nkb, xq.s.data() + jb.a0 * nkb, jb.a1 - jb.a0,
+              a.q.data() + jb.a0 * H, a.d.data() + jb.a0 * nkb, a.s.data() + jb.a0 * nkb, jb.a1 - jb.a0,
               sgu + jb.a0 * 2 * S, 2 * S, 2 * S);
     }
   });
 
   // SwiGLU activations.
-  at::Tensor h_t = swiglu_rows(gu_t, I);
-  const float* h = h_t.data_ptr<float>();
+  float* h = sized(ws.h, R * I);
+  swiglu_into(k, gu, R, I, h);
+  prep_rows(k, h, R, I, ws.hr);
   if (shared) {
-    at::Tensor hs_t = swiglu_rows(sgu_t, S);
-    quantize_rows(k, hs_t.data_ptr<float>(), T, S, hq);
+    float* hs = sized(ws.hs, T * S);
+    swiglu_into(k, sgu, T, S, hs);
+    quantize_rows(k, hs, T, S, ws.hq);
   }
 
   // Stage 2: down projections.
-  Buf y(offs[E] * H), ys(shared ? T * H : 0);
-  jobs.clear();
-  for (int64_t e = 0; e < E; ++e)
-    for (int64_t a0 = offs[e]; a0 < offs[e + 1]; a0 += TOKEN_CHUNK)
-      for (int64_t g = 0; g < DN.G; ++g) jobs.push_back({0, e, g, a0, std::min(offs[e + 1], a0 + TOKEN_CHUNK)});
-  if (shared)
-    for (int64_t m0 = 0; m0 < T; m0 += TOKEN_CHUNK)
-      for (int64_t t0 = 0; t0 < sh_tiles2; t0 += TILE_BLOCK) jobs.push_back({1, 0, t0, m0, std::min(T, m0 + TOKEN_CHUNK)});
-  nw = workers_for((int64_t)jobs.size(), moe_work);
-  run_jobs((int64_t)jobs.size(), nw, [&](int64_t j, int w) {
-    const Job& jb = jobs[j];
+  float* y = sized(ws.y, R * H);
+  float* ys = sized(ws.ys, shared ? T * H : 0);
+  njobs = build_jobs(DN.G, sh_tiles2);
+  run_jobs(njobs, workers_for(njobs, moe_work), [&](int64_t j, int w) {
+    const Job& jb = ws.jobs[j];
     if (jb.kind == 0) {
-      expert_group(k, DN, jb.e, jb.g, h, I, nullptr, jb.a0, jb.a1, y.data(), H, scratch[w]);
+      expert_group(k, DN, jb.e, jb.g, ws.hr, nullptr, jb.a0, jb.a1, y, H, ws.scratch[w]);
     } else {
       const int64_t nkb = S / MM_QK;
+      const QAct& a = ws.hq;
       k->gemm(sh_dn.data_ptr<uint8_t>(), sh_dn.size(1), nkb, 1, jb.g, std::min(sh_tiles2, jb.g + TILE_BLOCK),
-              hq.q.data() + jb.a0 * S, hq.d.data() + jb.a0 * nkb, hq.s.data() + jb.a0 * nkb, jb.a1 - jb.a0,
-              ys.data() + jb.a0 * H, H, H);
+              a.q.data() + jb.a0 * S, a.d.data() + jb.a0 * nkb, a.s.data() + jb.a0 * nkb, jb.a1 - jb.a0,
+              ys + jb.a0 * H, H, H);
     }
   });
 
   // Weighted combine (fixed order per token: shared, then slots 0..k-1).
   const float* wp = weights.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t njobs = (T + 7) / 8;
+  njobs = (T + 7) / 8;
   run_jobs(njobs, workers_for(njobs, 4.0 * T * kk * H), [&](int64_t j, int) {
     for (int64_t t = j * 8; t < std::min(T, (j + 1) * 8); ++t) {
       float* o = op + t * H;
-      if (shared) std::memcpy(o, ys.data() + t * H, H * sizeof(float));
+      if (shared)
+        std::memcpy(o, ys + t * H, H * sizeof(float));
+      else
+        std::fill(o, o + H, 0.f);
       for (int64_t s = 0; s < kk; ++s) {
         if (slot_of[t * kk + s] < 0) continue;
         const float wt = wp[t * kk + s];
-        const float* yr = y.data() + slot_of[t * kk + s] * H;
+        const float* yr = y + slot_of[t * kk + s] * H;
         for (int64_t i = 0; i < H; ++i) o[i] += wt * yr[i];
       }
     }
