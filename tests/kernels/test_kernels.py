@@ -38,13 +38,23 @@ def isa(request):
     K.set_isa(None)
 
 
+def block_amax(a: torch.Tensor) -> torch.Tensor:
+    """max |a| per block of 32 along the last dim, broadcast back to a's shape."""
+    b = a.float().unflatten(-1, (-1, 32))
+    return b.abs().amax(-1, keepdim=True).expand_as(b).flatten(-2)
+
+
+def scale_to(amax: torch.Tensor, numer: float) -> torch.Tensor:
+    """numer / amax (0 where amax is 0) as ONE correctly rounded division, as the kernels compute it
+    (`numer / amax` with a Python scalar would be amax.reciprocal() * numer: two roundings)."""
+    return torch.where(amax > 0, torch.full_like(amax, numer) / amax, torch.zeros_like(amax))
+
+
 def q8_roundtrip(a: torch.Tensor) -> torch.Tensor:
     """Emulate the kernels' activation quantization: int8 per block of 32, scale max|a|/127."""
-    b = a.float().unflatten(-1, (-1, 32))
-    amax = b.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    q = (b * inv).round().clamp(-127, 127)
-    return (q * (amax / 127.0)).flatten(-2)
+    amax = block_amax(a)
+    q = (a.float() * scale_to(amax, 127.0)).round().clamp(-127, 127)
+    return q * (amax / 127.0)
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -100,12 +110,6 @@ def test_linear_dtypes_and_batch_shape(isa):
     assert pl(torch.randn(0, 128)).shape == (0, 64)
 
 
-def block_amax(a: torch.Tensor) -> torch.Tensor:
-    """max |a| per block of 32 along the last dim, broadcast back to a's shape."""
-    b = a.float().unflatten(-1, (-1, 32))
-    return b.abs().amax(-1, keepdim=True).expand_as(b).flatten(-2)
-
-
 def expert_q8_reference(q: torch.Tensor, s: torch.Tensor, e: int, x: torch.Tensor) -> torch.Tensor:
     """Emulate the expert path (csrc/mm_common.h): for out-group g the activation x[i] * scale[i, g] is
     rounded to int8 as round(u * sn) with u = x * 127/max|x|_b and sn = scale / max|scale|_b, step
@@ -114,13 +118,11 @@ def expert_q8_reference(q: torch.Tensor, s: torch.Tensor, e: int, x: torch.Tenso
     codes = unpack_int4(q[e]).float()  # [in, out]
     sc = s[e].float()  # [in, G]
     xmax = block_amax(x)
-    # torch.full_like(...) / xmax: one correctly rounded division, as in C (`127.0 / xmax` would be
-    # xmax.reciprocal() * 127, two roundings)
-    u = x.float() * torch.where(xmax > 0, torch.full_like(xmax, 127.0) / xmax, torch.zeros_like(xmax))
+    u = x.float() * scale_to(xmax, 127.0)
     outs = []
     for gidx in range(sc.shape[1]):
         smax = block_amax(sc[:, gidx])
-        sn = sc[:, gidx] * torch.where(smax > 0, 1.0 / smax, torch.zeros_like(smax))
+        sn = sc[:, gidx] * scale_to(smax, 1.0)
         a = (u * sn).round().clamp(-127, 127) * ((xmax / 127.0) * smax)
         outs.append(a @ codes[:, 32 * gidx: 32 * (gidx + 1)])
     return torch.cat(outs, dim=-1)

@@ -15,20 +15,6 @@ namespace {
 // vs 64 measured alike on the MoE layers. 64 is what the benchmarks in BENCHMARKS.md ran with.
 constexpr int64_t kPrefetchBlocks = 64;
 
-// One block of 32 (the tail path).
-inline void quant_block(const float* x, int8_t* q, float* d, int32_t* s) {
-  const __m512 a0 = _mm512_loadu_ps(x);
-  const __m512 a1 = _mm512_loadu_ps(x + 16);
-  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
-  const __m512 id = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-  const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(a0, id));  // round to nearest even
-  const __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(a1, id));
-  _mm_storeu_si128((__m128i*)q, _mm512_cvtsepi32_epi8(i0));
-  _mm_storeu_si128((__m128i*)(q + 16), _mm512_cvtsepi32_epi8(i1));
-  *d = amax / 127.f;
-  *s = 8 * _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
-}
-
 template <typename Op>
 inline __m512 reduce16_from_pairs(const __m512* u, Op op) {
   __m512 w[4], z[2];
@@ -76,130 +62,93 @@ inline void block_sums16(const int8_t* q, int32_t* s) {
   _mm512_storeu_si512(s, _mm512_slli_epi32(sums, 3));
 }
 
-void quant_row(const float* x, int64_t K, int8_t* q, float* d, int32_t* s) {
-  const int64_t nkb = K / MM_QK;
-  int64_t b = 0;
-  alignas(64) float buf[16 * MM_QK];
-  alignas(64) float idb[16];
-  for (; b + 16 <= nkb; b += 16) {  // 16 blocks (512 values) at a time
-    const float* xb = x + b * MM_QK;
-    __m512 v[16];
-    for (int i = 0; i < 16; ++i) {
-      const __m512 a0 = _mm512_loadu_ps(xb + i * MM_QK);
-      const __m512 a1 = _mm512_loadu_ps(xb + i * MM_QK + 16);
-      _mm512_store_ps(buf + i * MM_QK, a0);
-      _mm512_store_ps(buf + i * MM_QK + 16, a1);
-      v[i] = _mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1));
-    }
-    const __m512 amax = reduce16(v, MaxOp());
-    const __mmask16 nz = _mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_GT_OQ);
-    _mm512_store_ps(idb, _mm512_maskz_div_ps(nz, _mm512_set1_ps(127.f), amax));
-    _mm512_storeu_ps(d + b, _mm512_div_ps(amax, _mm512_set1_ps(127.f)));
-    int8_t* qb = q + b * MM_QK;
-    for (int i = 0; i < 16; ++i) {
-      const __m512 id = _mm512_set1_ps(idb[i]);
-      const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(buf + i * MM_QK), id));
-      const __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(buf + i * MM_QK + 16), id));
-      _mm_storeu_si128((__m128i*)(qb + i * MM_QK), _mm512_cvtsepi32_epi8(i0));
-      _mm_storeu_si128((__m128i*)(qb + i * MM_QK + 16), _mm512_cvtsepi32_epi8(i1));
-    }
-    block_sums16(qb, s + b);
-  }
-  for (; b < nkb; ++b)
-    quant_block(x + b * MM_QK, q + b * MM_QK, d + b, s + b);
-}
-
-// u = x * 127 / max|x|_b, xd = max|x|_b / 127; 16 blocks at a time (one batched reduction).
-void prep_row(const float* x, int64_t K, float* u, float* xd) {
+// Per block b of 32 values: m[b] = max|v|_b and out = v * (numer / m[b]) (0 for an all-zero block),
+// with load(o) giving the 16 values at offset o as fp32; 16 blocks at a time (one batched reduction).
+template <typename Load>
+inline void normalize_blocks(const Load& load, int64_t K, float numer, float* out, float* m) {
   const int64_t nkb = K / MM_QK;
   int64_t b = 0;
   alignas(64) float inv[16];
   for (; b + 16 <= nkb; b += 16) {
     __m512 v[16];
     for (int i = 0; i < 16; ++i) {
-      const float* xb = x + (b + i) * MM_QK;
-      v[i] = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(xb)), _mm512_abs_ps(_mm512_loadu_ps(xb + 16)));
+      const int64_t o = (b + i) * MM_QK;
+      v[i] = _mm512_max_ps(_mm512_abs_ps(load(o)), _mm512_abs_ps(load(o + 16)));
     }
-    const __m512 m = reduce16(v, MaxOp());
-    const __mmask16 nz = _mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_GT_OQ);
-    _mm512_storeu_ps(xd + b, _mm512_div_ps(m, _mm512_set1_ps(127.f)));
-    _mm512_store_ps(inv, _mm512_maskz_div_ps(nz, _mm512_set1_ps(127.f), m));
+    const __m512 mx = reduce16(v, MaxOp());
+    const __mmask16 nz = _mm512_cmp_ps_mask(mx, _mm512_setzero_ps(), _CMP_GT_OQ);
+    _mm512_storeu_ps(m + b, mx);
+    _mm512_store_ps(inv, _mm512_maskz_div_ps(nz, _mm512_set1_ps(numer), mx));
     for (int i = 0; i < 16; ++i) {
       const int64_t o = (b + i) * MM_QK;
       const __m512 f = _mm512_set1_ps(inv[i]);
-      _mm512_storeu_ps(u + o, _mm512_mul_ps(_mm512_loadu_ps(x + o), f));
-      _mm512_storeu_ps(u + o + 16, _mm512_mul_ps(_mm512_loadu_ps(x + o + 16), f));
+      _mm512_storeu_ps(out + o, _mm512_mul_ps(load(o), f));
+      _mm512_storeu_ps(out + o + 16, _mm512_mul_ps(load(o + 16), f));
     }
   }
   for (; b < nkb; ++b) {  // tail blocks one at a time
     const int64_t o = b * MM_QK;
-    const __m512 a0 = _mm512_loadu_ps(x + o), a1 = _mm512_loadu_ps(x + o + 16);
-    const float m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
-    const __m512 f = _mm512_set1_ps(m > 0.f ? 127.f / m : 0.f);
-    _mm512_storeu_ps(u + o, _mm512_mul_ps(a0, f));
-    _mm512_storeu_ps(u + o + 16, _mm512_mul_ps(a1, f));
-    xd[b] = m / 127.f;
+    const __m512 a0 = load(o), a1 = load(o + 16);
+    const float mx = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
+    const __m512 f = _mm512_set1_ps(mx > 0.f ? numer / mx : 0.f);
+    _mm512_storeu_ps(out + o, _mm512_mul_ps(a0, f));
+    _mm512_storeu_ps(out + o + 16, _mm512_mul_ps(a1, f));
+    m[b] = mx;
   }
+}
+
+// Stores one block of 32 values, given as two 16-lane halves already within [-127, 127], as int8
+// (round to nearest even); returns the int32 values summed pairwise (a lone block's sum is their total).
+inline __m512i store_int8_block(__m512 p0, __m512 p1, int8_t* q) {
+  const __m512i i0 = _mm512_cvtps_epi32(p0);
+  const __m512i i1 = _mm512_cvtps_epi32(p1);
+  _mm_storeu_si128((__m128i*)q, _mm512_cvtsepi32_epi8(i0));
+  _mm_storeu_si128((__m128i*)(q + 16), _mm512_cvtsepi32_epi8(i1));
+  return _mm512_add_epi32(i0, i1);
+}
+
+// Linear activations (Q8_0): d = max|x|_b / 127, q = round(x * 127 / max|x|_b), s = 8 * block sums.
+void quant_row(const float* x, int64_t K, int8_t* q, float* d, int32_t* s) {
+  const int64_t nkb = K / MM_QK;
+  alignas(64) float u[16 * MM_QK];
+  for (int64_t b = 0; b < nkb; b += 16) {
+    const int64_t nb = nkb - b < 16 ? nkb - b : 16;
+    const float* xb = x + b * MM_QK;
+    normalize_blocks([xb](int64_t o) { return _mm512_loadu_ps(xb + o); }, nb * MM_QK, 127.f, u, d + b);
+    for (int64_t i = 0; i < nb; ++i) {
+      d[b + i] /= 127.f;
+      const float* ub = u + i * MM_QK;
+      const __m512i t = store_int8_block(_mm512_load_ps(ub), _mm512_load_ps(ub + 16), q + (b + i) * MM_QK);
+      if (nb < 16) s[b + i] = 8 * _mm512_reduce_add_epi32(t);
+    }
+    if (nb == 16) block_sums16(q + b * MM_QK, s + b);
+  }
+}
+
+// Expert activations: u = x * 127 / max|x|_b, xd = max|x|_b / 127.
+void prep_row(const float* x, int64_t K, float* u, float* xd) {
+  normalize_blocks([x](int64_t o) { return _mm512_loadu_ps(x + o); }, K, 127.f, u, xd);
+  for (int64_t b = 0; b < K / MM_QK; ++b) xd[b] /= 127.f;
+}
+
+// sn = scale / max|scale|_b, smax = max|scale|_b (fp16 scales converted on load).
+void prep_scales(const uint16_t* scale, int64_t K, float* sn, float* smax) {
+  normalize_blocks([scale](int64_t o) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(scale + o))); },
+                   K, 1.f, sn, smax);
 }
 
 // q = round(u * sn) per element (bounded by 127 by construction), s = 8 * block sums.
 void quant_scaled(const float* u, const float* sn, int64_t K, int8_t* q, int32_t* s) {
   const int64_t nkb = K / MM_QK;
-  int64_t b = 0;
-  for (; b + 16 <= nkb; b += 16) {
-    for (int64_t i = b * MM_QK; i < (b + 16) * MM_QK; i += 32) {
-      const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(u + i), _mm512_loadu_ps(sn + i)));
-      const __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(u + i + 16), _mm512_loadu_ps(sn + i + 16)));
-      _mm_storeu_si128((__m128i*)(q + i), _mm512_cvtsepi32_epi8(i0));
-      _mm_storeu_si128((__m128i*)(q + i + 16), _mm512_cvtsepi32_epi8(i1));
+  for (int64_t b = 0; b < nkb; b += 16) {
+    const int64_t nb = nkb - b < 16 ? nkb - b : 16;
+    for (int64_t i = b * MM_QK; i < (b + nb) * MM_QK; i += MM_QK) {
+      const __m512i t = store_int8_block(_mm512_mul_ps(_mm512_loadu_ps(u + i), _mm512_loadu_ps(sn + i)),
+                                         _mm512_mul_ps(_mm512_loadu_ps(u + i + 16), _mm512_loadu_ps(sn + i + 16)),
+                                         q + i);
+      if (nb < 16) s[i / MM_QK] = 8 * _mm512_reduce_add_epi32(t);
     }
-    block_sums16(q + b * MM_QK, s + b);
-  }
-  for (; b < nkb; ++b) {
-    const int64_t i = b * MM_QK;
-    const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(u + i), _mm512_loadu_ps(sn + i)));
-    const __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(u + i + 16), _mm512_loadu_ps(sn + i + 16)));
-    _mm_storeu_si128((__m128i*)(q + i), _mm512_cvtsepi32_epi8(i0));
-    _mm_storeu_si128((__m128i*)(q + i + 16), _mm512_cvtsepi32_epi8(i1));
-    s[b] = 8 * _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
-  }
-}
-
-// sn = scale / max|scale|_b, smax = max|scale|_b; 16 blocks at a time (one batched reduction).
-void prep_scales(const uint16_t* scale, int64_t K, float* sn, float* smax) {
-  const int64_t nkb = K / MM_QK;
-  int64_t b = 0;
-  alignas(64) float inv[16];
-  for (; b + 16 <= nkb; b += 16) {
-    __m512 v[16];
-    for (int i = 0; i < 16; ++i) {
-      const int64_t o = (b + i) * MM_QK;
-      const __m512 a0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(scale + o)));
-      const __m512 a1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(scale + o + 16)));
-      _mm512_storeu_ps(sn + o, a0);
-      _mm512_storeu_ps(sn + o + 16, a1);
-      v[i] = _mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1));
-    }
-    const __m512 m = reduce16(v, MaxOp());
-    const __mmask16 nz = _mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_GT_OQ);
-    _mm512_storeu_ps(smax + b, m);
-    _mm512_store_ps(inv, _mm512_maskz_div_ps(nz, _mm512_set1_ps(1.f), m));
-    for (int i = 0; i < 16; ++i) {
-      const int64_t o = (b + i) * MM_QK;
-      const __m512 f = _mm512_set1_ps(inv[i]);
-      _mm512_storeu_ps(sn + o, _mm512_mul_ps(_mm512_loadu_ps(sn + o), f));
-      _mm512_storeu_ps(sn + o + 16, _mm512_mul_ps(_mm512_loadu_ps(sn + o + 16), f));
-    }
-  }
-  for (; b < nkb; ++b) {  // tail blocks one at a time
-    const int64_t o = b * MM_QK;
-    const __m512 a0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(scale + o)));
-    const __m512 a1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(scale + o + 16)));
-    const float m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
-    const __m512 f = _mm512_set1_ps(m > 0.f ? 1.f / m : 0.f);
-    _mm512_storeu_ps(sn + o, _mm512_mul_ps(a0, f));
-    _mm512_storeu_ps(sn + o + 16, _mm512_mul_ps(a1, f));
-    smax[b] = m;
+    if (nb == 16) block_sums16(q + b * MM_QK, s + b);
   }
 }
 

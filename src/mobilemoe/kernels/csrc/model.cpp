@@ -163,6 +163,16 @@ __attribute__((target("avx512f,fma"))) void attend_group_avx512(const float* q, 
 
 using AttendFn = void (*)(const float*, const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t, float*, float*);
 
+// The AVX-512 versions of this file's kernels run unless MOBILEMOE_KERNEL_ISA forces another path.
+bool use_avx512() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  const char* forced = std::getenv("MOBILEMOE_KERNEL_ISA");
+  return (!forced || std::string(forced) == "avx512") && __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
 // ---- decode router: fp32 logits of rows [e0, e1) of the router weight [E, H] for one token -------
 // Each logit is summed in a fixed order (independent of threads); sigmoid applied when asked.
 void router_rows_portable(const float* h, const float* W, int64_t H, int64_t e0, int64_t e1, bool sigmoid,
@@ -207,18 +217,14 @@ using RouterFn = void (*)(const float*, const float*, int64_t, int64_t, int64_t,
 
 RouterFn pick_router() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  const char* forced = std::getenv("MOBILEMOE_KERNEL_ISA");
-  const bool allow = !forced || std::string(forced) == "avx512";
-  if (allow && __builtin_cpu_supports("avx512f")) return router_rows_avx512;
+  if (use_avx512()) return router_rows_avx512;
 #endif
   return router_rows_portable;
 }
 
 AttendFn pick_attend(int64_t D, int64_t G) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  const char* forced = std::getenv("MOBILEMOE_KERNEL_ISA");
-  const bool allow = !forced || std::string(forced) == "avx512";
-  if (allow && __builtin_cpu_supports("avx512f") && D % 16 == 0 && D <= 64 && G <= 8) return attend_group_avx512;
+  if (use_avx512() && D % 16 == 0 && D <= 64 && G <= 8) return attend_group_avx512;
 #endif
   return attend_group_portable;
 }
