@@ -1,6 +1,7 @@
 """The engine's contract, run on every backend that is available."""
 
 import json
+import mmap
 
 import pytest
 import torch
@@ -131,3 +132,21 @@ def test_chunked_packing_equals_whole_tensor_packing(monkeypatch):
     q, s = quantize(torch.randn(5, 64, 96))
     for a, b in zip(native._pack_experts(q, s, pack_experts), pack_experts(q, s)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("hugepages", ["1", "0"])
+def test_weight_buffer_shapes_and_lifetime(monkeypatch, hugepages):
+    """Packed-weight buffers (huge-page mapping from 2 MiB up, or torch.empty) hold what is written
+    and stay valid after every other reference to the mapping is gone."""
+    monkeypatch.setenv("MOBILEMOE_HUGEPAGES", hugepages)
+    big = native.weight_buffer((3, 1 << 20), torch.uint8)  # 3 MiB: the mapped path where supported
+    small = native.weight_buffer((4, 8), torch.float16)
+    assert big.shape == (3, 1 << 20) and big.dtype == torch.uint8 and big.is_contiguous()
+    assert small.shape == (4, 8) and small.dtype == torch.float16
+    big.fill_(7)
+    big[2, -1] = 9
+    import gc
+    gc.collect()
+    assert int(big.sum()) == 7 * (3 << 20) + 2
+    if hugepages == "1" and hasattr(mmap, "MADV_HUGEPAGE"):
+        assert big.data_ptr() % native.HUGE_PAGE == 0  # the mapped path, aligned to a huge page
