@@ -35,6 +35,7 @@
 
 // GCC 12 false positive in the AVX-512 intrinsics (their _mm512_undefined_* self-initialisation).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 namespace {
 
@@ -666,7 +667,7 @@ class NativeModel {
       at::Tensor part = mobilemoe_api::moe(h, local, w, L.gu_codes, L.gu_scales, L.dn_codes, L.dn_scales, I,
                                            shared ? L.ffn_gu : empty, shared ? L.ffn_dn : empty,
                                            shared ? L.ffn_width : 0);
-      if (b0 == 0) out = part; else out.add_(part);
+      if (b0 == 0) out = part; else add_rows(out, part);
     }
     return out;
   }

@@ -329,6 +329,16 @@ int workers_for(int64_t njobs, double work = 1e300) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), njobs)));
 }
 
+// fn(r) for every row r in [0, M), in jobs of `rows` consecutive rows over the pool (one thread
+// when `work` is below the parallel threshold).
+template <typename F>
+void run_row_jobs(int64_t M, int64_t rows, double work, const F& fn) {
+  const int64_t njobs = (M + rows - 1) / rows;
+  run_jobs(njobs, workers_for(njobs, work), [&](int64_t j, int) {
+    for (int64_t r = j * rows; r < std::min(M, (j + 1) * rows); ++r) fn(r);
+  });
+}
+
 struct QAct {  // int8 activations of rows x [M, K]
   std::vector<int8_t> q;
   std::vector<float> d;
@@ -340,11 +350,8 @@ void quantize_rows(const mm_kernels* k, const float* x, int64_t M, int64_t K, QA
   out.q.resize(M * K);
   out.d.resize(M * nkb);
   out.s.resize(M * nkb);
-  const int64_t rows_per_job = 16;
-  const int64_t njobs = (M + rows_per_job - 1) / rows_per_job;
-  run_jobs(njobs, workers_for(njobs, 8.0 * M * K), [&](int64_t j, int) {
-    for (int64_t r = j * rows_per_job; r < std::min(M, (j + 1) * rows_per_job); ++r)
-      k->quant_row(x + r * K, K, out.q.data() + r * K, out.d.data() + r * nkb, out.s.data() + r * nkb);
+  run_row_jobs(M, 16, 8.0 * M * K, [&](int64_t r) {
+    k->quant_row(x + r * K, K, out.q.data() + r * K, out.d.data() + r * nkb, out.s.data() + r * nkb);
   });
 }
 
@@ -445,11 +452,8 @@ void prep_rows(const mm_kernels* k, const float* x, int64_t M, int64_t K, RowPre
   const int64_t nkb = K / MM_QK;
   out.u.resize(M * K);
   out.xd.resize(M * nkb);
-  const int64_t rows_per_job = 16;
-  const int64_t njobs = (M + rows_per_job - 1) / rows_per_job;
-  run_jobs(njobs, workers_for(njobs, 4.0 * M * K), [&](int64_t j, int) {
-    for (int64_t r = j * rows_per_job; r < std::min(M, (j + 1) * rows_per_job); ++r)
-      k->prep_row(x + r * K, K, out.u.data() + r * K, out.xd.data() + r * nkb);
+  run_row_jobs(M, 16, 4.0 * M * K, [&](int64_t r) {
+    k->prep_row(x + r * K, K, out.u.data() + r * K, out.xd.data() + r * nkb);
   });
 }
 
@@ -502,11 +506,8 @@ at::Tensor expert_forward(const at::Tensor& codes, const at::Tensor& scales, int
 // rows [M, 2W] (contiguous fp32) -> out [M, W]: silu(first half) * second half, with the ISA's
 // vectorized exp; large inputs in row slices spread over the job pool.
 void swiglu_into(const mm_kernels* k, const float* g, int64_t M, int64_t W, float* o) {
-  const int64_t rows = std::max<int64_t>(1, 16384 / W);
-  const int64_t njobs = (M + rows - 1) / rows;
-  run_jobs(njobs, workers_for(njobs, 24.0 * M * W), [&](int64_t j, int) {
-    for (int64_t r = j * rows; r < std::min(M, (j + 1) * rows); ++r)
-      k->silu_mul(g + r * 2 * W, g + r * 2 * W + W, o + r * W, W);
+  run_row_jobs(M, std::max<int64_t>(1, 16384 / W), 24.0 * M * W, [&](int64_t r) {
+    k->silu_mul(g + r * 2 * W, g + r * 2 * W + W, o + r * W, W);
   });
 }
 
@@ -664,20 +665,17 @@ at::Tensor moe_forward(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   // Weighted combine (fixed order per token: shared, then slots 0..k-1).
   const float* wp = weights.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  njobs = (T + 7) / 8;
-  run_jobs(njobs, workers_for(njobs, 4.0 * T * kk * H), [&](int64_t j, int) {
-    for (int64_t t = j * 8; t < std::min(T, (j + 1) * 8); ++t) {
-      float* o = op + t * H;
-      if (shared)
-        std::memcpy(o, ys + t * H, H * sizeof(float));
-      else
-        std::fill(o, o + H, 0.f);
-      for (int64_t s = 0; s < kk; ++s) {
-        if (slot_of[t * kk + s] < 0) continue;
-        const float wt = wp[t * kk + s];
-        const float* yr = y + slot_of[t * kk + s] * H;
-        for (int64_t i = 0; i < H; ++i) o[i] += wt * yr[i];
-      }
+  run_row_jobs(T, 8, 4.0 * T * kk * H, [&](int64_t t) {
+    float* o = op + t * H;
+    if (shared)
+      std::memcpy(o, ys + t * H, H * sizeof(float));
+    else
+      std::fill(o, o + H, 0.f);
+    for (int64_t s = 0; s < kk; ++s) {
+      if (slot_of[t * kk + s] < 0) continue;
+      const float wt = wp[t * kk + s];
+      const float* yr = y + slot_of[t * kk + s] * H;
+      for (int64_t i = 0; i < H; ++i) o[i] += wt * yr[i];
     }
   });
   return out;
