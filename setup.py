@@ -1,11 +1,12 @@
 """Build of the native CPU kernels ``mobilemoe._C`` (metadata lives in pyproject.toml).
 
-One torch extension, five translation units:
+One torch extension, six translation units:
   ops.cpp           torch glue, threading, runtime ISA dispatch (baseline flags)
   model.cpp         the whole-model INT4 forward (NativeModel) on those kernels
   isa_portable.cpp  plain C++ (any CPU)
   isa_avx2.cpp      -mavx2 -mfma -mf16c
   isa_avx512.cpp    -mavx512f -mavx512bw -mavx512vl -mavx512vnni
+  isa_avx512bf16.cpp  -mavx512bf16 (prefill attention, flash_attn.h)
 (the x86 units only on x86-64). Each ISA unit is compiled with its own flags (``BuildExt`` below) and picked at run time with
 ``__builtin_cpu_supports``, so the wheel builds and runs on a CPU without AVX-512.
 Install with ``pip install --no-build-isolation -e '.[dev]'`` (the CPU torch must be importable).
@@ -24,6 +25,7 @@ ISA_UNITS = {"isa_portable.cpp": []}
 if platform.machine().lower() in ("x86_64", "amd64"):  # elsewhere (e.g. aarch64) only the portable unit
     ISA_UNITS["isa_avx2.cpp"] = ["-mavx2", "-mfma", "-mf16c"]
     ISA_UNITS["isa_avx512.cpp"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"]
+    ISA_UNITS["isa_avx512bf16.cpp"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-mf16c"]
 
 
 class BuildExt(BuildExtension):
@@ -38,7 +40,7 @@ class BuildExt(BuildExtension):
                     output_dir=os.path.join(self.build_temp, "isa_" + os.path.splitext(unit)[0]),
                     include_dirs=[os.path.abspath(CSRC)],
                     extra_postargs=COMMON_FLAGS + ISA_STD + flags,
-                    depends=[os.path.join(CSRC, "mm_common.h")],
+                    depends=[os.path.join(CSRC, h) for h in ("mm_common.h", "flash_attn.h", "vec_math.h")],
                 )
             ext.extra_objects = list(ext.extra_objects or []) + objects
         super().build_extension(ext)

@@ -371,3 +371,54 @@ def test_decode_attention_kernel_rejects_bad_shapes():
     q = torch.randn(2, 16)
     with pytest.raises(RuntimeError, match=r"k and v must be contiguous float16 \[S, D\]"):
         K._lib().attend_kv_head(q, torch.randn(4, 16), torch.randn(4, 16))
+
+
+def _causal_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int, start: int,
+                      bf16_inputs: bool = False) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v in float64 with query position start + t seeing keys 0..start+t;
+    bf16_inputs: q / sqrt(D), k and v rounded to bf16 first, as the bf16 kernel reads them."""
+    T, D = q.shape[0], k.shape[1]
+    qh = q.view(T, group, D).transpose(0, 1) / D**0.5
+    kk, vv = k.float(), v.float()
+    if bf16_inputs:
+        qh, kk, vv = qh.bfloat16(), kk.bfloat16(), vv.bfloat16()
+    s = qh.double() @ kk.double().T
+    allowed = torch.arange(start + T)[None, :] <= torch.arange(start, start + T)[:, None]
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
+    return (p @ vv.double()).transpose(0, 1).reshape(T, group * D).float()
+
+
+# (positions, cached positions before them, query heads per KV head, head_dim): one and several
+# query tiles (128 // group positions each), key-block (64) edges, a chunk after a cached prefix.
+PREFILL_CASES = [(1, 0, 1, 16), (2, 0, 3, 64), (64, 0, 3, 64), (65, 0, 2, 32), (130, 7, 4, 48),
+                 (200, 100, 3, 64), (300, 0, 5, 128), (257, 63, 8, 64)]
+
+
+@pytest.mark.parametrize("T,start,group,head_dim", PREFILL_CASES)
+def test_prefill_attention_matches_causal_reference(T, start, group, head_dim):
+    """The native model's prefill attention (one KV head, fp16 cache): the ATen SDPA path equals the
+    float64 causal reference to fp32 precision; the AVX-512 BF16 kernel equals the reference computed
+    from bf16-rounded q/k/v to ~3 digits (its only other rounding is p to bf16) and the exact reference
+    to bf16 precision."""
+    g = torch.Generator().manual_seed(T * 7 + start + group)
+    q = torch.randn(T, group * head_dim, generator=g)
+    k = torch.randn(start + T, head_dim, generator=g).half()
+    v = torch.randn(start + T, head_dim, generator=g).half()
+    want = _causal_reference(q, k, v, group, start)
+    sdpa = K._lib().prefill_attend_kv_head(q, k, v, group, start, False)
+    assert torch.allclose(sdpa, want, atol=1e-5, rtol=1e-4), (sdpa - want).abs().max()
+    if not K._lib().prefill_bf16_available(head_dim):
+        pytest.skip("no AVX-512 BF16 on this CPU")
+    got = K._lib().prefill_attend_kv_head(q, k, v, group, start, True)
+    want_bf16 = _causal_reference(q, k, v, group, start, bf16_inputs=True)
+    assert (got - want_bf16).abs().max() < 6e-3, (got - want_bf16).abs().max()
+    assert (got - want).abs().max() < 3e-2, (got - want).abs().max()
+
+
+def test_prefill_attention_rejects_bad_shapes():
+    q = torch.randn(3, 32)
+    with pytest.raises(RuntimeError, match=r"k and v must be contiguous float16 \[start\+T, D\]"):
+        K._lib().prefill_attend_kv_head(q, torch.randn(3, 16).half(), torch.randn(3, 16).half(), 2, 1, False)
+    with pytest.raises(RuntimeError, match=r"not available for D=24"):
+        K._lib().prefill_attend_kv_head(torch.randn(3, 48), torch.randn(3, 24).half(), torch.randn(3, 24).half(),
+                                        2, 0, True)

@@ -30,6 +30,7 @@
 #include <string>
 #include <vector>
 
+#include "flash_attn.h"
 #include "ops_api.h"
 #include "vec_math.h"
 
@@ -274,6 +275,75 @@ AttendFn pick_attend(int64_t D, int64_t G) {
   return attend_group_portable;
 }
 
+// ---- prefill attention: causal GQA of T new positions over the cache ------------------------------
+// The AVX-512 BF16 kernel (flash_attn.h) where the CPU has it; ATen's fp32 SDPA otherwise.
+bool prefill_bf16_available(int64_t D) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return use_avx512() && __builtin_cpu_supports("avx512bf16") && mm_attn_supports_bf16(D);
+#else
+  (void)D;
+  return false;
+#endif
+}
+
+// qkv [T, W] fp32 rows whose first nKV*G*D columns are the query heads (group g's heads g*G..);
+// caches [1, nKV, max_len, D] fp16 holding positions [0, start+T) -> [T, nKV*G*D].
+at::Tensor prefill_attention(const at::Tensor& qkv, int64_t nKV, int64_t G, int64_t D, const at::Tensor& kcache,
+                             const at::Tensor& vcache, int64_t start, bool bf16) {
+  const int64_t T = qkv.size(0), QO = nKV * G * D, S = start + T, max_len = kcache.size(2);
+  at::Tensor out = at::empty({T, QO}, qkv.options());
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (bf16) {
+    // Pack every group's keys/values to bf16 once, then (group, query tile) jobs. A job takes tiles
+    // i and n-1-i, so every job has the same causal work and the pool's halves stay balanced.
+    const int64_t Sp = mm_attn_padded_keys(S);
+    thread_local std::vector<uint16_t> kp, vp;
+    if ((int64_t)kp.size() < nKV * Sp * D) kp.resize(nKV * Sp * D), vp.resize(nKV * Sp * D);
+    uint16_t* kpp = kp.data();
+    uint16_t* vpp = vp.data();
+    const uint16_t* kc = reinterpret_cast<const uint16_t*>(kcache.data_ptr<at::Half>());
+    const uint16_t* vc = reinterpret_cast<const uint16_t*>(vcache.data_ptr<at::Half>());
+    mobilemoe_api::parallel_jobs(nKV, [&](int64_t g) {
+      mm_attn_pack_kv_bf16(kc + g * max_len * D, vc + g * max_len * D, S, D, kpp + g * Sp * D, vpp + g * Sp * D);
+    });
+    const int64_t tile = std::max<int64_t>(1, MM_ATTN_MAX_ROWS / G), ntiles = (T + tile - 1) / tile;
+    const int64_t npairs = (ntiles + 1) / 2, W = qkv.size(1);
+    const float* qp = qkv.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    mobilemoe_api::parallel_jobs(nKV * npairs, [&](int64_t j) {
+      const int64_t g = j / npairs, i = j % npairs;
+      for (int64_t ti : {i, ntiles - 1 - i}) {
+        mm_attn_rows_bf16(qp + g * G * D, W, ti * tile, std::min(T, (ti + 1) * tile), G, D, start,
+                          kpp + g * Sp * D, vpp + g * Sp * D, op + g * G * D, QO);
+        if (ti == ntiles - 1 - i) break;  // the middle tile of an odd count runs once
+      }
+    });
+    return out;
+  }
+#endif
+  (void)bf16;
+  // ATen SDPA per KV group (its G query heads), groups as jobs of the kernels' pool and each SDPA
+  // inline in its job, so no OpenMP team races the pool's threads.
+  at::Tensor q = qkv.narrow(1, 0, QO).view({T, nKV * G, D}).transpose(0, 1);  // [nH, T, D]
+  std::optional<at::Tensor> mask;
+  if (start > 0) {  // a chunk appended after `start` cached positions
+    at::Tensor qpos = at::arange(start, start + T, at::kLong).unsqueeze(1);
+    mask = at::arange(S, at::kLong).unsqueeze(0) <= qpos;
+  }
+  at::Tensor heads = at::empty({nKV * G, T, D}, qkv.options());
+  mobilemoe_api::parallel_jobs(nKV, [&](int64_t g) {
+    c10::ParallelGuard inline_ops(true);
+    at::Tensor k = kcache.select(0, 0).narrow(0, g, 1).narrow(1, 0, S).to(at::kFloat);  // [1, S, D]
+    at::Tensor v = vcache.select(0, 0).narrow(0, g, 1).narrow(1, 0, S).to(at::kFloat);
+    at::Tensor qg = q.narrow(0, g * G, G).unsqueeze(0);  // [1, G, T, D]
+    at::Tensor o = at::scaled_dot_product_attention(qg, k.unsqueeze(0), v.unsqueeze(0), mask, 0.0, start == 0,
+                                                    std::nullopt, /*enable_gqa=*/true);
+    heads.narrow(0, g * G, G).copy_(o.squeeze(0));
+  });
+  out.copy_(heads.transpose(0, 1).reshape({T, QO}));
+  return out;
+}
+
 // Wall time per category of a forward, accumulated while enabled (NativeModel.set_profiling).
 struct Profiler {
   bool on = false;
@@ -304,6 +374,9 @@ class NativeModel {
         embed_s(embed_s.contiguous()), head(head), final_norm(final_norm.contiguous()) {
     TORCH_CHECK(cos_.size(0) >= max_len && cos_.size(1) == D / 2, "rope tables must be [max_len, D/2]");
     attend = pick_attend(D, nH / nKV);
+    // MOBILEMOE_PREFILL_ATTENTION=sdpa keeps ATen's fp32 SDPA (to compare speed and logits).
+    const char* pa = std::getenv("MOBILEMOE_PREFILL_ATTENTION");
+    prefill_bf16 = prefill_bf16_available(D) && !(pa && std::string(pa) == "sdpa");
     router_rows = pick_router();
   }
 
@@ -337,11 +410,11 @@ class NativeModel {
     prof.stop("embed");
     for (size_t li = 0; li < layers.size(); ++li) {
       Layer& L = layers[li];
-      rms_norm_rows(x.data_ptr<float>(), L.in_norm.data_ptr<float>(), h.data_ptr<float>(), T, H, eps);
+      norm_rows(x, L.in_norm, h);
       prof.stop("norm");
       add_rows(x, attention(li, h, start));
       prof.stop("attn_out_proj");
-      rms_norm_rows(x.data_ptr<float>(), L.post_norm.data_ptr<float>(), h.data_ptr<float>(), T, H, eps);
+      norm_rows(x, L.post_norm, h);
       prof.stop("norm");
       add_rows(x, L.moe ? moe(L, h) : dense_ffn(L, h));
       prof.stop(L.moe ? "moe_experts" : "dense_ffn");
@@ -351,6 +424,27 @@ class NativeModel {
     at::Tensor logits = mobilemoe_api::linear(head, V, H, last).view({V});
     prof.stop("lm_head");
     return logits;
+  }
+
+  // fn(t) for rows t in [0, T): inline for one row (decode), else chunks of `chunk` rows as jobs of
+  // the kernels' pool (prefill spent ~10% of its time in these per-row loops on one thread).
+  template <typename F>
+  static void for_rows(int64_t T, int64_t chunk, const F& fn) {
+    if (T == 1) {
+      fn(0);
+      return;
+    }
+    mobilemoe_api::parallel_jobs((T + chunk - 1) / chunk, [&](int64_t c) {
+      for (int64_t t = c * chunk; t < std::min(T, (c + 1) * chunk); ++t) fn(t);
+    });
+  }
+
+  // y = RMSNorm(x) * w row by row ([T, H] fp32).
+  void norm_rows(const at::Tensor& x, const at::Tensor& w, at::Tensor& y) const {
+    const float* xp = x.data_ptr<float>();
+    const float* wp = w.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    for_rows(x.size(0), 32, [&](int64_t t) { rms_norm_rows(xp + t * H, wp, yp + t * H, 1, H, eps); });
   }
 
   // x += y for contiguous fp32 tensors of the same shape: a plain loop (ATen's add_ costs ~1 us of
@@ -464,7 +558,7 @@ class NativeModel {
     float* p = qkv.data_ptr<float>();
     at::Half* kc = kcache[li].data_ptr<at::Half>();
     at::Half* vc = vcache[li].data_ptr<at::Half>();
-    for (int64_t t = 0; t < T; ++t) {
+    for_rows(T, 16, [&](int64_t t) {
       float* row = p + t * (QO + 2 * KO);
       const int64_t pos = start + t;
       for (int64_t hd = 0; hd < nH + nKV; ++hd) {  // q heads then k heads
@@ -476,7 +570,7 @@ class NativeModel {
         std::copy(row + QO + g * D, row + QO + (g + 1) * D, kc + (g * max_len + pos) * D);
         std::copy(row + QO + KO + g * D, row + QO + KO + (g + 1) * D, vc + (g * max_len + pos) * D);
       }
-    }
+    });
     prof.stop("rope_qknorm_cache");
     const int64_t S = start + T;
     if (T == 1) {  // decode: the fp16 cache read once per KV group, groups spread over the job pool
@@ -494,28 +588,30 @@ class NativeModel {
       prof.stop("attention");
       return mobilemoe_api::linear(L.o, H, QO, out);
     }
-    // prefill: causal SDPA per KV group (its G query heads), groups as jobs of the kernels' pool and
-    // each SDPA inline in its job, so no OpenMP team races the pool's threads.
-    const int64_t G = nH / nKV;
-    at::Tensor q = qkv.narrow(1, 0, QO).view({T, nH, D}).transpose(0, 1);  // [nH, T, D]
-    std::optional<at::Tensor> mask;
-    if (start > 0) {  // a chunk appended after `start` cached positions
-      at::Tensor qpos = at::arange(start, start + T, at::kLong).unsqueeze(1);
-      mask = at::arange(S, at::kLong).unsqueeze(0) <= qpos;
-    }
-    at::Tensor out = at::empty({nH, T, D}, qkv.options());
-    mobilemoe_api::parallel_jobs(nKV, [&](int64_t g) {
-      c10::ParallelGuard inline_ops(true);
-      at::Tensor k = kcache[li].select(0, 0).narrow(0, g, 1).narrow(1, 0, S).to(at::kFloat);  // [1, S, D]
-      at::Tensor v = vcache[li].select(0, 0).narrow(0, g, 1).narrow(1, 0, S).to(at::kFloat);
-      at::Tensor qg = q.narrow(0, g * G, G).unsqueeze(0);  // [1, G, T, D]
-      at::Tensor o = at::scaled_dot_product_attention(qg, k.unsqueeze(0), v.unsqueeze(0), mask, 0.0, start == 0,
-                                                      std::nullopt, /*enable_gqa=*/true);
-      out.narrow(0, g * G, G).copy_(o.squeeze(0));
-    });
-    at::Tensor flat = out.transpose(0, 1).reshape({T, QO}).contiguous();
+    at::Tensor flat = prefill_attention(qkv, nKV, nH / nKV, D, kcache[li], vcache[li], start, prefill_bf16);
     prof.stop("attention");
     return mobilemoe_api::linear(L.o, H, QO, flat);
+  }
+
+  // One token's routing from its scores s [E]: the top-k of s + bias (selection only; ties to the
+  // lower index), weights s of the chosen (renormalised if norm_topk) times the routed scale.
+  // k passes of a first-maximum scan (k is small; a partial_sort per token cost ~1 us).
+  void select_topk(const Layer& L, const float* s, int64_t* ids, float* w) const {
+    thread_local std::vector<float> sel;
+    sel.resize(E);
+    const float* bp = L.bias.data_ptr<float>();
+    for (int64_t e = 0; e < E; ++e) sel[e] = s[e] + bp[e];
+    float total = 0.f;
+    for (int64_t j = 0; j < K; ++j) {
+      int64_t best = 0;
+      while (best < E && sel[best] == -INFINITY) ++best;  // skip the ones already taken
+      for (int64_t e = best + 1; e < E; ++e)
+        if (sel[e] > sel[best]) best = e;
+      ids[j] = best;
+      sel[best] = -INFINITY;
+      total += s[best];
+    }
+    for (int64_t j = 0; j < K; ++j) w[j] = (norm_topk ? s[ids[j]] / total : s[ids[j]]) * scale;
   }
 
   at::Tensor moe(Layer& L, const at::Tensor& h) {
@@ -523,10 +619,14 @@ class NativeModel {
     // fp32 router scores. One token: the router_rows kernel (ATen's dispatch costs more than the
     // 60 x H dots); more: row chunks as pool jobs with the ATen ops inline (see attention()).
     at::Tensor scores = at::empty({T, E}, h.options());
+    at::Tensor ids = at::empty({T, K}, at::TensorOptions().dtype(at::kLong));
+    at::Tensor w = at::empty({T, K}, at::TensorOptions().dtype(at::kFloat));
+    float* sp = scores.data_ptr<float>();
+    int64_t* ip = ids.data_ptr<int64_t>();
+    float* wp = w.data_ptr<float>();
     if (T == 1) {
       const float* hp = h.data_ptr<float>();
       const float* wr = L.router.data_ptr<float>();
-      float* sp = scores.data_ptr<float>();
       // two halves on the job pool (a multiple of 4 rows each): the 60 x H fp32 rows come from DRAM
       const int64_t half = (E / 2 + 3) / 4 * 4;
       mobilemoe_api::parallel_jobs(2, [&](int64_t j) {
@@ -538,35 +638,16 @@ class NativeModel {
         for (int64_t e = 0; e < E; ++e) total += (sp[e] = std::exp(sp[e] - mx));
         for (int64_t e = 0; e < E; ++e) sp[e] /= total;
       }
-    } else {
-    const int64_t chunk = 64, nchunks = (T + chunk - 1) / chunk;
-    mobilemoe_api::parallel_jobs(nchunks, [&](int64_t c) {
-      c10::ParallelGuard inline_ops(true);
-      const int64_t r0 = c * chunk, n = std::min(chunk, T - r0);
-      at::Tensor logits = at::mm(h.narrow(0, r0, n), L.router.t());
-      scores.narrow(0, r0, n).copy_(sigmoid ? logits.sigmoid() : logits.softmax(-1));
-    });
-    }
-    at::Tensor ids = at::empty({T, K}, at::TensorOptions().dtype(at::kLong));
-    at::Tensor w = at::empty({T, K}, at::TensorOptions().dtype(at::kFloat));
-    const float* sp = scores.data_ptr<float>();
-    const float* bp = L.bias.data_ptr<float>();
-    int64_t* ip = ids.data_ptr<int64_t>();
-    float* wp = w.data_ptr<float>();
-    std::vector<int64_t> order(E);
-    std::vector<float> sel(E);
-    for (int64_t t = 0; t < T; ++t) {
-      const float* s = sp + t * E;
-      for (int64_t e = 0; e < E; ++e) sel[e] = s[e] + bp[e];
-      std::iota(order.begin(), order.end(), 0);
-      std::partial_sort(order.begin(), order.begin() + K, order.end(),
-                        [&](int64_t a, int64_t b) { return sel[a] > sel[b] || (sel[a] == sel[b] && a < b); });
-      float total = 0.f;
-      for (int64_t j = 0; j < K; ++j) total += s[order[j]];
-      for (int64_t j = 0; j < K; ++j) {
-        ip[t * K + j] = order[j];
-        wp[t * K + j] = (norm_topk ? s[order[j]] / total : s[order[j]]) * scale;
-      }
+      select_topk(L, sp, ip, wp);
+    } else {  // chunks of rows: scores with the ATen ops inline, then each row's top-k
+      const int64_t chunk = 64, nchunks = (T + chunk - 1) / chunk;
+      mobilemoe_api::parallel_jobs(nchunks, [&](int64_t c) {
+        c10::ParallelGuard inline_ops(true);
+        const int64_t r0 = c * chunk, n = std::min(chunk, T - r0);
+        at::Tensor logits = at::mm(h.narrow(0, r0, n), L.router.t());
+        scores.narrow(0, r0, n).copy_(sigmoid ? logits.sigmoid() : logits.softmax(-1));
+        for (int64_t t = r0; t < r0 + n; ++t) select_topk(L, sp + t * E, ip + t * K, wp + t * K);
+      });
     }
     prof.stop("router");
     if (record_routing) routing.push_back(ids.clone());
@@ -687,6 +768,7 @@ class NativeModel {
   std::vector<at::Tensor> kcache, vcache;
   Profiler prof;
   AttendFn attend;
+  bool prefill_bf16 = false;  // prefill attention on the AVX-512 BF16 kernel (else ATen SDPA)
   RouterFn router_rows;
   int store_fd = -1;
   bool drop_cache = false;
@@ -713,7 +795,26 @@ at::Tensor attend_kv_head(const at::Tensor& q, const at::Tensor& k, const at::Te
   return out;
 }
 
+// Causal prefill attention of one KV head, for the tests: q [T, G*D] fp32 at positions
+// [start, start+T), k and v [start+T, D] fp16 -> [T, G*D]; bf16: the AVX-512 BF16 kernel, else SDPA.
+at::Tensor prefill_attend_kv_head(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t G,
+                                  int64_t start, bool bf16) {
+  TORCH_CHECK(q.dtype() == at::kFloat && q.dim() == 2 && q.is_contiguous() && G > 0 && q.size(1) % G == 0,
+              "q must be contiguous float32 [T, G*D]");
+  const int64_t T = q.size(0), D = q.size(1) / G;
+  TORCH_CHECK(k.dtype() == at::kHalf && v.dtype() == at::kHalf && k.dim() == 2 && k.is_contiguous() &&
+                  v.is_contiguous() && k.sizes() == v.sizes() && k.size(1) == D && k.size(0) == start + T,
+              "k and v must be contiguous float16 [start+T, D]");
+  TORCH_CHECK(!bf16 || prefill_bf16_available(D), "the AVX-512 BF16 prefill attention is not available for D=", D,
+              " on this CPU/ISA setting");
+  return prefill_attention(q, 1, G, D, k.view({1, 1, start + T, D}), v.view({1, 1, start + T, D}), start, bf16);
+}
+
 void register_native_model(pybind11::module_& m) {
+  m.def("prefill_attend_kv_head", &prefill_attend_kv_head, "one KV head's causal prefill attention (test hook)",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("G"), pybind11::arg("start"),
+        pybind11::arg("bf16"));
+  m.def("prefill_bf16_available", &prefill_bf16_available, "whether prefill attention can use the AVX-512 BF16 kernel");
   m.def("attend_kv_head", &attend_kv_head, "one KV head's decode attention (test hook)", pybind11::arg("q"),
         pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("portable") = false);
   pybind11::class_<NativeModel>(m, "NativeModel")
