@@ -136,17 +136,27 @@ def test_chunked_packing_equals_whole_tensor_packing(monkeypatch):
 
 @pytest.mark.parametrize("hugepages", ["1", "0"])
 def test_weight_buffer_shapes_and_lifetime(monkeypatch, hugepages):
-    """Packed-weight buffers (huge-page mapping from 2 MiB up, or torch.empty) hold what is written
-    and stay valid after every other reference to the mapping is gone."""
+    """Packed-weight buffers (own huge-page mapping from 2 MiB up, the shared small-weight arena below,
+    or torch.empty) hold what is written, do not overlap, and stay valid after every other reference
+    to their mapping is gone."""
     monkeypatch.setenv("MOBILEMOE_HUGEPAGES", hugepages)
     big = native.weight_buffer((3, 1 << 20), torch.uint8)  # 3 MiB: the mapped path where supported
-    small = native.weight_buffer((4, 8), torch.float16)
+    smalls = [native.weight_buffer((4, 8 + i), torch.float16) for i in range(3)]
+    wide = native.weight_buffer((1000, 1000), torch.float32)  # 4 MB
     assert big.shape == (3, 1 << 20) and big.dtype == torch.uint8 and big.is_contiguous()
-    assert small.shape == (4, 8) and small.dtype == torch.float16
+    assert [s.shape for s in smalls] == [(4, 8), (4, 9), (4, 10)] and smalls[0].dtype == torch.float16
     big.fill_(7)
     big[2, -1] = 9
+    for i, s in enumerate(smalls):
+        s.fill_(i)
+    wide.fill_(1.5)
     import gc
     gc.collect()
     assert int(big.sum()) == 7 * (3 << 20) + 2
+    assert [float(s.float().mean()) for s in smalls] == [0.0, 1.0, 2.0]
+    assert float(wide.sum()) == 1.5e6
     if hugepages == "1" and hasattr(mmap, "MADV_HUGEPAGE"):
         assert big.data_ptr() % native.HUGE_PAGE == 0  # the mapped path, aligned to a huge page
+        assert all(s.data_ptr() % 64 == 0 for s in smalls)  # arena slices, cache-line aligned
+        arena = native._small_arena.base
+        assert arena.data_ptr() <= smalls[-1].data_ptr() < arena.data_ptr() + arena.numel()

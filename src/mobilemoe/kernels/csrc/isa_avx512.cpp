@@ -224,6 +224,15 @@ void gemm_t(const uint8_t* W, int64_t tile_stride, int64_t nkb, int64_t t0, int6
             int64_t n_valid) {
   const int64_t K = nkb * MM_QK;
   const int MBMAX = 8;
+  if (m == 1) {
+    // The loop below prefetches kPrefetchBlocks ahead, so at a call's start nothing is in flight:
+    // request that first stretch at once (one burst of misses in parallel instead of demand misses
+    // the loop only slowly runs ahead of). A decode call is a ~12-24 KB job, so this mattered:
+    // MoE-S decode +6-12%, dense +6%, same process alternating. 8 KB gained ~1%, 24 KB as 16.
+    const char* base = (const char*)(W + t0 * tile_stride);
+    const int64_t n = kPrefetchBlocks * MM_BLOCK_BYTES;
+    for (int64_t o = 0; o < n; o += 64) _mm_prefetch(base + o, _MM_HINT_T0);
+  }
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* wt = W + t * tile_stride;
     int64_t rem = n_valid - t * MM_TILE;
