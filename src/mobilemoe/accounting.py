@@ -100,6 +100,18 @@ def routed_expert_bytes(cfg: MobileMoEConfig, fmt: str = "int4") -> int:
     return sum(tensor_bytes(s, fmt) for s in first_layer) // cfg.num_local_experts
 
 
+def runtime_expert_bytes(cfg: MobileMoEConfig) -> int:
+    """Bytes of ONE routed expert as the native runtime holds and offloads it
+    (:func:`mobilemoe.kernels.pack.pack_experts`): the INT4 codes and fp16 scales of
+    :func:`routed_expert_bytes` plus one fp16 block maximum per 32 scales (its normalised scale rows)."""
+    specs = [s for s in tensor_specs(cfg) if s.role == "experts"]
+    if not specs:
+        return 0
+    first_layer = [s for s in specs if s.layer == specs[0].layer]
+    scale_values = sum(s.numel for s in first_layer) // cfg.num_local_experts // GROUP_SIZE
+    return routed_expert_bytes(cfg) + scale_values // GROUP_SIZE * 2
+
+
 def kv_cache_bytes(cfg: MobileMoEConfig, context: int, dtype_bytes: int = 2) -> int:
     """K and V for every layer at ``context`` positions (batch 1)."""
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * context * dtype_bytes

@@ -112,7 +112,7 @@ def test_linear_dtypes_and_batch_shape(isa):
 
 def expert_q8_reference(q: torch.Tensor, s: torch.Tensor, e: int, x: torch.Tensor) -> torch.Tensor:
     """Emulate the expert path (csrc/mm_common.h): for out-group g the activation x[i] * scale[i, g] is
-    rounded to int8 as round(u * sn) with u = x * 127/max|x|_b and sn = scale / max|scale|_b, step
+    rounded to int8 as round(u * sn) with u = x * 127/max|x|_b and sn = scale / max|scale|_b (fp16), step
     max|x|_b * max|scale|_b / 127; then dotted with the codes. Same fp32 operations as the kernels."""
     from mobilemoe.quant import unpack_int4
     codes = unpack_int4(q[e]).float()  # [in, out]
@@ -122,7 +122,7 @@ def expert_q8_reference(q: torch.Tensor, s: torch.Tensor, e: int, x: torch.Tenso
     outs = []
     for gidx in range(sc.shape[1]):
         smax = block_amax(sc[:, gidx])
-        sn = sc[:, gidx] * scale_to(smax, 1.0)
+        sn = (sc[:, gidx] * scale_to(smax, 1.0)).half().float()  # stored as fp16 by pack_experts
         a = (u * sn).round().clamp(-127, 127) * ((xmax / 127.0) * smax)
         outs.append(a @ codes[:, 32 * gidx: 32 * (gidx + 1)])
     return torch.cat(outs, dim=-1)
@@ -246,7 +246,7 @@ def test_env_var_in_fresh_process():
 
 
 def test_packing_is_lossless():
-    """The runtime layout holds exactly the original codes and scales (decode it back in PyTorch)."""
+    """The linear runtime layout holds exactly the original codes and scales (decode it back in PyTorch)."""
     from mobilemoe.kernels.pack import linear_tile_stride
     q, s = make_linear(40, 96, seed=6)
     packed = K.pack_linear(q, s)
@@ -262,6 +262,24 @@ def test_packing_is_lossless():
     scales = scales.transpose(1, 2).reshape(48, nkb)[:n]
     deq = (full.float().unflatten(-1, (-1, 32)) * scales.float().unsqueeze(-1)).flatten(-2)
     assert torch.equal(deq, dequantize(q, s))
+
+
+def test_expert_scale_rows_hold_the_scales():
+    """pack_experts' scale row (e, g) is [sn | smax]: smax the exact block maxima of the checkpoint
+    scales, sn * smax gives the scales back to fp16 rounding (an all-zero block stays zero)."""
+    E, cin, cout = 2, 96, 64
+    g = torch.Generator().manual_seed(11)
+    q = torch.randint(0, 256, (E, cin, cout // 2), dtype=torch.uint8, generator=g)
+    s = (torch.rand(E, cin, cout // 32, generator=g) + 0.01).half()
+    s[1, 32:64, 0] = 0  # one all-zero input block of expert 1, group 0
+    _, rows = K.pack_experts(q, s)
+    assert rows.shape == (E, cout // 32, cin + cin // 32) and rows.dtype == torch.float16
+    want = s.transpose(1, 2).float()  # [E, G, in]
+    smax = rows[..., cin:].float()
+    assert torch.equal(smax, want.unflatten(-1, (-1, 32)).abs().amax(-1))
+    back = (rows[..., :cin].float().unflatten(-1, (-1, 32)) * smax.unsqueeze(-1)).flatten(-2)
+    assert torch.allclose(back, want, rtol=2 ** -10, atol=0)
+    assert torch.all(rows[1, 0, 32:64] == 0)
 
 
 def test_bad_inputs_raise():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mobilemoe.accounting import routed_expert_bytes
+from mobilemoe.accounting import routed_expert_bytes, runtime_expert_bytes
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.remoe.cache_sim import simulate_layer
 from mobilemoe.runtime import Engine, ExpertOffload, native
@@ -33,7 +33,7 @@ def test_offloaded_logits_equal_in_memory_runtime(int4_ckpt, tmp_path, capacity)
     else:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     st = off.backend.offload_stats()
-    assert st["misses"] > 0 and st["bytes_read"] == st["misses"] * routed_expert_bytes(off.config)
+    assert st["misses"] > 0 and st["bytes_read"] == st["misses"] * runtime_expert_bytes(off.config)
     if capacity == 16:  # everything fits: each expert of each layer is read once at most
         assert st["misses"] <= 16 * off.config.num_hidden_layers
 
@@ -60,7 +60,8 @@ def test_memory_budget_picks_the_capacity(int4_ckpt, tmp_path):
     from mobilemoe.config import MobileMoEConfig
 
     cfg = MobileMoEConfig.from_json(int4_ckpt / "config.json")
-    base, per_slot = resident_bytes(cfg, 64), 4 * routed_expert_bytes(cfg)  # 4 MoE layers
+    base, per_slot = resident_bytes(cfg, 64), 4 * runtime_expert_bytes(cfg)  # 4 MoE layers
+    assert runtime_expert_bytes(cfg) == routed_expert_bytes(cfg) + 48  # + fp16 maxima of the scale blocks
     assert plan_capacity(cfg, base + 6 * per_slot + 10, 64) == 6
     assert plan_capacity(cfg, base + 100 * per_slot, 64) == cfg.num_local_experts
     with pytest.raises(MobileMoEError, match="too small.*at least top-k = 4"):
@@ -102,3 +103,22 @@ def test_generate_cli_offloads(int4_ckpt, tmp_path, capsys):
     assert "expected a size like 300MB" in capsys.readouterr().err
     assert main(args + ["--max-memory", "1KB"]) == 2
     assert "too small" in capsys.readouterr().err
+
+
+def test_store_of_an_older_format_is_rewritten(int4_ckpt, tmp_path):
+    """A store an earlier version wrote (other packed layout) is rewritten from the checkpoint; a
+    foreign index is reported, not overwritten."""
+    import json
+
+    from mobilemoe.config import MobileMoEConfig
+    from mobilemoe.runtime.offload import STORE_FORMAT, STORE_INDEX, ensure_store
+
+    cfg = MobileMoEConfig.from_json(int4_ckpt / "config.json")
+    d, _ = ensure_store(int4_ckpt, cfg, tmp_path / "s")
+    index = json.loads((d / STORE_INDEX).read_text())
+    (d / STORE_INDEX).write_text(json.dumps({**index, "format": "mobilemoe-expert-store-v1"}))
+    _, fresh = ensure_store(int4_ckpt, cfg, d)
+    assert fresh["format"] == STORE_FORMAT
+    (d / STORE_INDEX).write_text(json.dumps({**index, "format": "something-else"}))
+    with pytest.raises(MobileMoEError, match="format 'something-else'"):
+        ensure_store(int4_ckpt, cfg, d)

@@ -9,8 +9,12 @@ Runtime layout ``mobilemoe-q4t16`` (see csrc/mm_common.h):
   Inside a block, 4 chunks of 64 bytes; chunk c byte r*4+kk = (code(r, 32b+8c+kk)+8) in the low
   nibble and (code(r, 32b+8c+4+kk)+8) in the high nibble. Padding rows are code 0, scale 0.
 * Stacked experts (logical [E, in, out], groups along out) -> codes transposed to [E, out, in]
-  and tiled as above WITHOUT row scales (uint8 [E, out/16 * in/32 * 256]), plus scales transposed
-  to fp16 [E, out/32, in]; the kernel folds scale[i, g] into the activation of out-group g.
+  and tiled as above WITHOUT row scales (uint8 [E, out/16 * in/32 * 256]), plus one fp16 scale
+  row per (expert, out-group g) [E, out/32, in + in/32]: the scales scale[:, g] normalised by
+  their maximum per input block of 32 (rounded to fp16), then those maxima (exact). The kernel
+  folds scale[i, g] into the activation of out-group g. Codes and linear scales are packed
+  losslessly; the normalised expert scales are within fp16 rounding (2^-11 relative) of the
+  checkpoint's, 8x finer than the int8 activations they multiply.
 """
 
 from __future__ import annotations
@@ -78,7 +82,10 @@ def pack_linear(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def pack_experts(qweight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 [E, in, out/2], fp16 [E, in, out/32]) -> (uint8 [E, out/16 * in/32 * 256], fp16 [E, out/32, in])."""
+    """(uint8 [E, in, out/2], fp16 [E, in, out/32]) -> (uint8 [E, out/16 * in/32 * 256] code tiles,
+    fp16 [E, out/32, in + in/32] scale rows). Scale row (e, g) is [sn | smax]: smax[b] = max|scale|
+    over input block b (exact) and sn = scale / smax[b] rounded to fp16 (0 in an all-zero block), the
+    form the expert kernels quantize activations against (see csrc/mm_common.h)."""
     if qweight.dtype != torch.uint8 or qweight.dim() != 3:
         raise TypeError(f"pack_experts: expected uint8 [E, in, out/2] codes, got {qweight.dtype} {tuple(qweight.shape)}")
     E, in_f, out_f = qweight.shape[0], qweight.shape[1], qweight.shape[2] * 2
@@ -92,5 +99,15 @@ def pack_experts(qweight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tens
     for e0 in range(0, E, step):
         u = _biased_nibbles(qweight[e0: e0 + step]).transpose(1, 2)  # codes as [e, out, in]
         tiles[e0: e0 + step] = _tile_codes(u).reshape(u.shape[0], -1)
-    scales = scale.cpu().to(torch.float16).transpose(1, 2).contiguous()  # [E, out/32, in]
-    return tiles, scales
+    return tiles, _normalised_scale_rows(scale.cpu().to(torch.float16).transpose(1, 2))
+
+
+def _normalised_scale_rows(scales: torch.Tensor) -> torch.Tensor:
+    """fp16 [E, G, in] -> fp16 [E, G, in + in/32]: per input block of 32, sn = scale * (1 / max|scale|)
+    (fp32, then fp16) followed by the block maxima."""
+    E, G, K = scales.shape
+    blocks = scales.float().reshape(E, G, K // QK, QK)
+    smax = blocks.abs().amax(dim=-1)
+    inv = torch.where(smax > 0, torch.ones_like(smax) / smax, torch.zeros_like(smax))
+    sn = (blocks * inv[..., None]).reshape(E, G, K)
+    return torch.cat([sn, smax], dim=-1).to(torch.float16).contiguous()

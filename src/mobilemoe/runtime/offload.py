@@ -33,7 +33,7 @@ from mobilemoe.errors import MobileMoEError
 
 STORE_FILE = "experts.bin"
 STORE_INDEX = "experts.json"
-STORE_FORMAT = "mobilemoe-expert-store-v1"
+STORE_FORMAT = "mobilemoe-expert-store-v2"  # v2: normalised expert scale rows
 PARTS = ("gu_codes", "gu_scales", "dn_codes", "dn_scales")
 ALIGN = 4096
 
@@ -68,10 +68,10 @@ def plan_capacity(cfg: MobileMoEConfig, max_memory: int, max_seq_len: int) -> in
 
     Raises when even C = top-k (the least a token can run with) does not fit, naming the numbers.
     """
-    from mobilemoe.accounting import routed_expert_bytes
+    from mobilemoe.accounting import runtime_expert_bytes
 
     base = resident_bytes(cfg, max_seq_len)
-    per_slot = len(_moe_layers(cfg)) * routed_expert_bytes(cfg)
+    per_slot = len(_moe_layers(cfg)) * runtime_expert_bytes(cfg)
     capacity = min(cfg.num_local_experts, (max_memory - base) // per_slot) if max_memory > base else 0
     if capacity < cfg.num_experts_per_tok:
         need = base + cfg.num_experts_per_tok * per_slot
@@ -167,11 +167,20 @@ def read_store_index(store_dir: str | os.PathLike, cfg: MobileMoEConfig | None =
 def ensure_store(int4_ckpt: str | os.PathLike, cfg: MobileMoEConfig,
                  store_dir: str | os.PathLike | None) -> tuple[Path, dict]:
     """The store for ``int4_ckpt`` and its index (checked against ``cfg``): ``store_dir`` (default
-    ``<checkpoint>/expert-store``), written if absent."""
+    ``<checkpoint>/expert-store``), written if absent or in an older store format."""
     d = Path(store_dir) if store_dir is not None else Path(int4_ckpt) / "expert-store"
-    if not (d / STORE_INDEX).exists() or not (d / STORE_FILE).exists():
+    if not (d / STORE_INDEX).exists() or not (d / STORE_FILE).exists() or _older_format(d):
         write_expert_store(int4_ckpt, d)
     return d, read_store_index(d, cfg)
+
+
+def _older_format(d: Path) -> bool:
+    """A store an earlier version wrote (its packed layout differs): rewritten from the checkpoint."""
+    try:
+        fmt = json.loads((d / STORE_INDEX).read_text(encoding="utf-8")).get("format", "")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False  # not ours to overwrite: read_store_index reports it
+    return isinstance(fmt, str) and fmt.startswith("mobilemoe-expert-store-") and fmt != STORE_FORMAT
 
 
 def slot_tensors(index: dict, layer: int, capacity: int) -> list[torch.Tensor]:

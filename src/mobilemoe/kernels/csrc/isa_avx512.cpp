@@ -131,21 +131,16 @@ void prep_row(const float* x, int64_t K, float* u, float* xd) {
   for (int64_t b = 0; b < K / MM_QK; ++b) xd[b] /= 127.f;
 }
 
-// sn = scale / max|scale|_b, smax = max|scale|_b (fp16 scales converted on load).
-void prep_scales(const uint16_t* scale, int64_t K, float* sn, float* smax) {
-  normalize_blocks([scale](int64_t o) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(scale + o))); },
-                   K, 1.f, sn, smax);
-}
-
-// q = round(u * sn) per element (bounded by 127 by construction), s = 8 * block sums.
-void quant_scaled(const float* u, const float* sn, int64_t K, int8_t* q, int32_t* s) {
+// q = round(u * sn) per element (bounded by 127 by construction; sn fp16), s = 8 * block sums.
+void quant_scaled(const float* u, const uint16_t* sn, int64_t K, int8_t* q, int32_t* s) {
   const int64_t nkb = K / MM_QK;
   for (int64_t b = 0; b < nkb; b += 16) {
     const int64_t nb = nkb - b < 16 ? nkb - b : 16;
     for (int64_t i = b * MM_QK; i < (b + nb) * MM_QK; i += MM_QK) {
-      const __m512i t = store_int8_block(_mm512_mul_ps(_mm512_loadu_ps(u + i), _mm512_loadu_ps(sn + i)),
-                                         _mm512_mul_ps(_mm512_loadu_ps(u + i + 16), _mm512_loadu_ps(sn + i + 16)),
-                                         q + i);
+      const __m512 s0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sn + i)));
+      const __m512 s1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sn + i + 16)));
+      const __m512i t = store_int8_block(_mm512_mul_ps(_mm512_loadu_ps(u + i), s0),
+                                         _mm512_mul_ps(_mm512_loadu_ps(u + i + 16), s1), q + i);
       if (nb < 16) s[i / MM_QK] = 8 * _mm512_reduce_add_epi32(t);
     }
     if (nb == 16) block_sums16(q + b * MM_QK, s + b);
@@ -281,4 +276,4 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 
 }  // namespace
 
-extern const mm_kernels mm_kernels_avx512 = {"avx512", quant_row, gemm, silu_mul, prep_row, quant_scaled, prep_scales};
+extern const mm_kernels mm_kernels_avx512 = {"avx512", quant_row, gemm, silu_mul, prep_row, quant_scaled};

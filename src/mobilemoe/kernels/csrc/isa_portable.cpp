@@ -81,5 +81,4 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 }  // namespace
 
 extern const mm_kernels mm_kernels_portable = {"portable", quant_row, gemm, silu_mul, mm_prep_row_generic,
-                                               mm_quant_scaled_generic,
-                                               mm_prep_scales_generic};
+                                               mm_quant_scaled_generic};

@@ -20,11 +20,14 @@
 //   s[nkb] = 8 * sum(q in block).
 // Routed experts keep their scales along `out` (the checkpoint format), so output group g needs the
 //   activation x[k] * scale[k, g]. Its int8 form is q = round(u[k] * sn[k]) with u = x * 127 / max|x|_b
-//   (prep_row, once per token row) and sn = scale / max|scale|_b (prep_scales, once per group), i.e.
-//   step d = max|x|_b * max|scale|_b / 127 per block b: the product of the two block maxima instead
-//   of max|x * scale|_b. That is at most slightly coarser (the scales of one group vary little along
-//   k) and lets all tokens of a group share one scale preparation instead of a max-reduction per
-//   (token, group): at prefill the old per-group re-quantization cost as much as the GEMMs.
+//   (prep_row, once per token row) and sn = scale / max|scale|_b, i.e. step d = max|x|_b *
+//   max|scale|_b / 127 per block b: the product of the two block maxima instead of max|x * scale|_b.
+//   That is at most slightly coarser (the scales of one group vary little along k) and lets all
+//   tokens of a group share one scale row instead of a max-reduction per (token, group): at prefill
+//   the old per-group re-quantization cost as much as the GEMMs.
+//   The scale rows are normalised at pack time (mobilemoe.kernels.pack.pack_experts): expert e,
+//   group g holds K + K/32 fp16 values, [sn (K, rounded to fp16) | smax (K/32, exact)], so a decode
+//   step reads them instead of re-deriving them per group (that preparation was ~4% of decode).
 #pragma once
 #include <stdint.h>
 #include <string.h>
@@ -46,10 +49,8 @@ typedef struct mm_kernels {
   void (*silu_mul)(const float* g, const float* u, float* out, int64_t n);
   // Expert activations (see above): u[k] = x[k] * 127 / max|x|_b, xd[b] = max|x|_b / 127 (0: zero block).
   void (*prep_row)(const float* x, int64_t K, float* u, float* xd);
-  // q[k] = round(u[k] * sn[k]) in [-127, 127], s[b] = 8 * sum(q in b).
-  void (*quant_scaled)(const float* u, const float* sn, int64_t K, int8_t* q, int32_t* s);
-  // sn[k] = scale[k] / max|scale|_b (fp16 in, fp32 out; 0 for an all-zero block), smax[b] = max|scale|_b.
-  void (*prep_scales)(const uint16_t* scale, int64_t K, float* sn, float* smax);
+  // q[k] = round(u[k] * sn[k]) in [-127, 127] (sn fp16), s[b] = 8 * sum(q in b).
+  void (*quant_scaled)(const float* u, const uint16_t* sn, int64_t K, int8_t* q, int32_t* s);
 } mm_kernels;
 
 extern const mm_kernels mm_kernels_portable;
@@ -98,25 +99,11 @@ static inline void mm_prep_row_generic(const float* x, int64_t K, float* u, floa
   }
 }
 
-static inline void mm_prep_scales_generic(const uint16_t* scale, int64_t K, float* sn, float* smax) {
-  for (int64_t b = 0; b < K / MM_QK; ++b) {
-    float m = 0.f;
-    for (int i = 0; i < MM_QK; ++i) {
-      sn[b * MM_QK + i] = mm_half_to_float(scale[b * MM_QK + i]);
-      const float a = __builtin_fabsf(sn[b * MM_QK + i]);
-      m = a > m ? a : m;
-    }
-    const float inv = m > 0.f ? 1.f / m : 0.f;
-    for (int i = 0; i < MM_QK; ++i) sn[b * MM_QK + i] *= inv;
-    smax[b] = m;
-  }
-}
-
-static inline void mm_quant_scaled_generic(const float* u, const float* sn, int64_t K, int8_t* q, int32_t* s) {
+static inline void mm_quant_scaled_generic(const float* u, const uint16_t* sn, int64_t K, int8_t* q, int32_t* s) {
   for (int64_t b = 0; b < K / MM_QK; ++b) {
     int32_t sum = 0;
     for (int i = 0; i < MM_QK; ++i) {
-      int v = (int)__builtin_nearbyintf(u[b * MM_QK + i] * sn[b * MM_QK + i]);
+      int v = (int)__builtin_nearbyintf(u[b * MM_QK + i] * mm_half_to_float(sn[b * MM_QK + i]));
       v = v > 127 ? 127 : (v < -127 ? -127 : v);
       q[b * MM_QK + i] = (int8_t)v;
       sum += v;

@@ -63,13 +63,24 @@ struct OffloadStats {
   double read_seconds = 0.0;
 };
 
+// sum of x[i]^2 in 16 fp32 lanes the compiler vectorizes (one double chain cost ~0.6 us per
+// 768-wide row, ~3% of a MoE-S decode step over the norms and QK-norms).
+float sum_squares(const float* x, int64_t n) {
+  float lane[16] = {0.f};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) lane[j] += x[i + j] * x[i + j];
+  float ss = 0.f;
+  for (; i < n; ++i) ss += x[i] * x[i];
+  for (int j = 0; j < 16; ++j) ss += lane[j];
+  return ss;
+}
+
 void rms_norm_rows(const float* x, const float* w, float* y, int64_t T, int64_t H, float eps) {
   for (int64_t t = 0; t < T; ++t) {
     const float* xr = x + t * H;
     float* yr = y + t * H;
-    double ss = 0.0;
-    for (int64_t i = 0; i < H; ++i) ss += (double)xr[i] * xr[i];
-    const float inv = 1.0f / std::sqrt((float)(ss / H) + eps);
+    const float inv = 1.0f / std::sqrt(sum_squares(xr, H) / (float)H + eps);
     if (w)
       for (int64_t i = 0; i < H; ++i) yr[i] = xr[i] * inv * w[i];
     else

@@ -396,17 +396,19 @@ at::Tensor linear_forward(const at::Tensor& packed, int64_t N, int64_t K, const 
   return out;
 }
 
-struct ExpertSet {  // packed stacked experts: codes [E, tiles*tile_stride], scales fp16 [E, G, in]
+// Packed stacked experts: codes [E, tiles*tile_stride], scale rows fp16 [E, G, in + in/32] (per group
+// [sn | smax], see mm_common.h).
+struct ExpertSet {
   const uint8_t* codes;
   const uint16_t* scales;
-  int64_t E, in, out, nkb, tile_stride, expert_bytes, G;
+  int64_t E, in, out, nkb, tile_stride, expert_bytes, G, scale_row;
 };
 
 ExpertSet expert_set(const at::Tensor& codes, const at::Tensor& scales, int64_t in, int64_t out) {
   TORCH_CHECK(codes.dtype() == at::kByte && codes.dim() == 2 && codes.is_contiguous(),
               "packed expert codes must be a contiguous uint8 [E, bytes] tensor");
   TORCH_CHECK(scales.dtype() == at::kHalf && scales.dim() == 3 && scales.is_contiguous(),
-              "packed expert scales must be a contiguous float16 [E, out/32, in] tensor");
+              "packed expert scales must be a contiguous float16 [E, out/32, in + in/32] tensor");
   TORCH_CHECK(in % MM_QK == 0 && out % MM_QK == 0, "expert in/out must be multiples of 32");
   ExpertSet s;
   s.E = codes.size(0);
@@ -416,18 +418,20 @@ ExpertSet expert_set(const at::Tensor& codes, const at::Tensor& scales, int64_t 
   s.tile_stride = s.nkb * MM_BLOCK_BYTES;
   s.expert_bytes = (out / MM_TILE) * s.tile_stride;
   s.G = out / MM_QK;
+  s.scale_row = in + s.nkb;
   TORCH_CHECK(codes.size(1) == s.expert_bytes, "packed expert codes: ", codes.size(1), " bytes per expert, expected ",
               s.expert_bytes);
-  TORCH_CHECK(scales.size(0) == s.E && scales.size(1) == s.G && scales.size(2) == in,
-              "packed expert scales: wrong shape");
+  TORCH_CHECK(scales.size(0) == s.E && scales.size(1) == s.G && scales.size(2) == s.scale_row,
+              "packed expert scales: shape ", scales.sizes(), ", expected [", s.E, ", ", s.G, ", ", s.scale_row,
+              "] (repack with this version's pack_experts)");
   s.codes = codes.data_ptr<uint8_t>();
   s.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
   return s;
 }
 
-struct Scratch {  // per-worker buffers of one expert group: its int8 activations and scale row
+struct Scratch {  // per-worker buffers of one expert group: its int8 activations and block maxima
   std::vector<int8_t> q;
-  std::vector<float> d, sn, smax;
+  std::vector<float> d, smax;
   std::vector<int32_t> s;
   void reserve(int64_t rows, int64_t K) {
     const int64_t nkb = K / MM_QK;
@@ -436,10 +440,7 @@ struct Scratch {  // per-worker buffers of one expert group: its int8 activation
       d.resize(rows * nkb);
       s.resize(rows * nkb);
     }
-    if ((int64_t)sn.size() < K) {
-      sn.resize(K);
-      smax.resize(nkb);
-    }
+    if ((int64_t)smax.size() < nkb) smax.resize(nkb);
   }
 };
 
@@ -458,19 +459,19 @@ void prep_rows(const mm_kernels* k, const float* x, int64_t M, int64_t K, RowPre
 }
 
 // One expert, one 32-wide output group g, rows [r0, r1) of the prepared rows (row r is idx[r], or r):
-// the group's scale row is prepared once (sn, smax), then each row is rounded to int8 with step
-// xd[row, b] * smax[b] and dotted with the codes as they are.
+// each row is rounded to int8 against the group's normalised scale row sn with step
+// xd[row, b] * smax[b], and dotted with the codes as they are.
 void expert_group(const mm_kernels* k, const ExpertSet& X, int64_t e, int64_t g, const RowPrep& src,
                   const int64_t* idx, int64_t r0, int64_t r1, float* out, int64_t ldo, Scratch& sc) {
   const int64_t m = r1 - r0, K = X.in, nkb = X.nkb;
   sc.reserve(m, K);
-  const uint16_t* gs = X.scales + (e * X.G + g) * K;
-  // The next group's scale row (K fp16): it is read first by the next job, before any code bytes.
-  for (int64_t off = 0; off < K * 2; off += 64) __builtin_prefetch((const char*)(gs + K) + off);
-  k->prep_scales(gs, K, sc.sn.data(), sc.smax.data());
+  const uint16_t* sn = X.scales + (e * X.G + g) * X.scale_row;
+  // The next group's scale row: it is read first by the next job, before any code bytes.
+  for (int64_t off = 0; off < X.scale_row * 2; off += 64) __builtin_prefetch((const char*)(sn + X.scale_row) + off);
+  for (int64_t b = 0; b < nkb; ++b) sc.smax[b] = mm_half_to_float(sn[K + b]);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t row = idx ? idx[r] : r;
-    k->quant_scaled(src.u.data() + row * K, sc.sn.data(), K, sc.q.data() + (r - r0) * K, sc.s.data() + (r - r0) * nkb);
+    k->quant_scaled(src.u.data() + row * K, sn, K, sc.q.data() + (r - r0) * K, sc.s.data() + (r - r0) * nkb);
     const float* xd = src.xd.data() + row * nkb;
     float* d = sc.d.data() + (r - r0) * nkb;
     for (int64_t b = 0; b < nkb; ++b) d[b] = xd[b] * sc.smax[b];
