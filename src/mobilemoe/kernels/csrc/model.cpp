@@ -304,7 +304,7 @@ at::Tensor prefill_attention(const at::Tensor& qkv, int64_t nKV, int64_t G, int6
   const int64_t T = qkv.size(0), QO = nKV * G * D, S = start + T, max_len = kcache.size(2);
   at::Tensor out = at::empty({T, QO}, qkv.options());
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (bf16) {
+  if (bf16 && G <= MM_ATTN_MAX_ROWS) {  // (a query tile holds at least one position's G heads)
     // Pack every group's keys/values to bf16 once, then (group, query tile) jobs. A job takes tiles
     // i and n-1-i, so every job has the same causal work and the pool's halves stay balanced.
     const int64_t Sp = mm_attn_padded_keys(S);
