@@ -58,6 +58,10 @@ inline void tile_kernel(const uint8_t* wt, int64_t nkb, const int8_t* q, const f
     const uint8_t* wb = wt + b * MM_BLOCK_BYTES;
     __m256i s16_lo[MB], s16_hi[MB];
     for (int j = 0; j < MB; ++j) s16_lo[j] = s16_hi[j] = _mm256_setzero_si256();
+    if (MB == 1) {
+      const char* pf = (const char*)(wb + MM_PREFETCH_BLOCKS * MM_BLOCK_BYTES);
+      for (int o = 0; o < MM_BLOCK_BYTES; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
+    }
     for (int c = 0; c < 4; ++c) {
       const __m256i clo = _mm256_loadu_si256((const __m256i*)(wb + c * 64));       // rows 0-7
       const __m256i chi = _mm256_loadu_si256((const __m256i*)(wb + c * 64 + 32));  // rows 8-15
@@ -109,6 +113,7 @@ void gemm_t(const uint8_t* W, int64_t tile_stride, int64_t nkb, int64_t t0, int6
             int64_t n_valid) {
   const int64_t K = nkb * MM_QK;
   const int MBMAX = 4;
+  if (m == 1) mm_prefetch_lookahead(W + t0 * tile_stride);
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* wt = W + t * tile_stride;
     int64_t rem = n_valid - t * MM_TILE;

@@ -10,11 +10,6 @@
 
 namespace {
 
-// One-token GEMVs prefetch the whole 256-byte block this many blocks (16 KB) ahead. One line 1 KB
-// ahead (the earlier code) left the LM head at ~40 GB/s; 16 and 32 blocks gave 51-54 GB/s, and 32
-// vs 64 measured alike on the MoE layers. 64 is what the benchmarks in BENCHMARKS.md ran with.
-constexpr int64_t kPrefetchBlocks = 64;
-
 template <typename Op>
 inline __m512 reduce16_from_pairs(const __m512* u, Op op) {
   __m512 w[4], z[2];
@@ -171,7 +166,7 @@ inline void tile_kernel(const uint8_t* wt, int64_t nkb, const int8_t* q, const f
     __m512 sc = _mm512_set1_ps(1.f);
     if (WS) sc = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ws + b * MM_TILE)));
     if (MB == 1) {
-      const char* pf = (const char*)(wb + kPrefetchBlocks * MM_BLOCK_BYTES);
+      const char* pf = (const char*)(wb + MM_PREFETCH_BLOCKS * MM_BLOCK_BYTES);
       _mm_prefetch(pf, _MM_HINT_T0);
       _mm_prefetch(pf + 64, _MM_HINT_T0);
       _mm_prefetch(pf + 128, _MM_HINT_T0);
@@ -219,15 +214,7 @@ void gemm_t(const uint8_t* W, int64_t tile_stride, int64_t nkb, int64_t t0, int6
             int64_t n_valid) {
   const int64_t K = nkb * MM_QK;
   const int MBMAX = 8;
-  if (m == 1) {
-    // The loop below prefetches kPrefetchBlocks ahead, so at a call's start nothing is in flight:
-    // request that first stretch at once (one burst of misses in parallel instead of demand misses
-    // the loop only slowly runs ahead of). A decode call is a ~12-24 KB job, so this mattered:
-    // MoE-S decode +6-12%, dense +6%, same process alternating. 8 KB gained ~1%, 24 KB as 16.
-    const char* base = (const char*)(W + t0 * tile_stride);
-    const int64_t n = kPrefetchBlocks * MM_BLOCK_BYTES;
-    for (int64_t o = 0; o < n; o += 64) _mm_prefetch(base + o, _MM_HINT_T0);
-  }
+  if (m == 1) mm_prefetch_lookahead(W + t0 * tile_stride);
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* wt = W + t * tile_stride;
     int64_t rem = n_valid - t * MM_TILE;

@@ -53,6 +53,19 @@ typedef struct mm_kernels {
   void (*quant_scaled)(const float* u, const uint16_t* sn, int64_t K, int8_t* q, int32_t* s);
 } mm_kernels;
 
+// One-token GEMVs prefetch each whole 256-byte block this many blocks (16 KB) ahead (AVX-512 and
+// AVX2 kernels). One line 1 KB ahead (the earlier code) left the LM head at ~40 GB/s; 16 and 32
+// blocks gave 51-54 GB/s, and 32 vs 64 measured alike on the MoE layers.
+#define MM_PREFETCH_BLOCKS 64
+
+// The lookahead's first stretch, requested at once when a one-token call starts (nothing is in
+// flight then, and a decode call is only a 12-24 KB job): one burst of misses in parallel instead
+// of demand misses the loop only slowly runs ahead of. MoE-S decode +6-12%, dense +6% on AVX-512;
+// 8 KB gained ~1%, 24 KB and the whole job measured as 16 KB.
+static inline void mm_prefetch_lookahead(const uint8_t* start) {
+  for (int64_t o = 0; o < MM_PREFETCH_BLOCKS * MM_BLOCK_BYTES; o += 64) __builtin_prefetch(start + o, 0, 3);
+}
+
 extern const mm_kernels mm_kernels_portable;
 #if defined(__x86_64__) || defined(_M_X64)
 extern const mm_kernels mm_kernels_avx2;    // built only on x86-64 (see setup.py)
