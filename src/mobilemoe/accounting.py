@@ -91,24 +91,26 @@ def decode_weight_bytes_per_token(cfg: MobileMoEConfig, fmt: str = "int4") -> fl
     return total
 
 
+def _one_layer_expert_specs(cfg: MobileMoEConfig) -> list[TensorSpec]:
+    """The stacked routed-expert tensors of the first MoE layer (every MoE layer is alike)."""
+    specs = [s for s in tensor_specs(cfg) if s.role == "experts"]
+    return [s for s in specs if s.layer == specs[0].layer] if specs else []
+
+
 def routed_expert_bytes(cfg: MobileMoEConfig, fmt: str = "int4") -> int:
     """Bytes of ONE routed expert (its gate_up and down slices, with INT4 scales) in format ``fmt``."""
-    specs = [s for s in tensor_specs(cfg) if s.role == "experts"]
-    if not specs:
-        return 0
-    first_layer = [s for s in specs if s.layer == specs[0].layer]
-    return sum(tensor_bytes(s, fmt) for s in first_layer) // cfg.num_local_experts
+    specs = _one_layer_expert_specs(cfg)
+    return sum(tensor_bytes(s, fmt) for s in specs) // cfg.num_local_experts if specs else 0
 
 
 def runtime_expert_bytes(cfg: MobileMoEConfig) -> int:
     """Bytes of ONE routed expert as the native runtime holds and offloads it
     (:func:`mobilemoe.kernels.pack.pack_experts`): the INT4 codes and fp16 scales of
     :func:`routed_expert_bytes` plus one fp16 block maximum per 32 scales (its normalised scale rows)."""
-    specs = [s for s in tensor_specs(cfg) if s.role == "experts"]
+    specs = _one_layer_expert_specs(cfg)
     if not specs:
         return 0
-    first_layer = [s for s in specs if s.layer == specs[0].layer]
-    scale_values = sum(s.numel for s in first_layer) // cfg.num_local_experts // GROUP_SIZE
+    scale_values = sum(s.numel for s in specs) // cfg.num_local_experts // GROUP_SIZE
     return routed_expert_bytes(cfg) + scale_values // GROUP_SIZE * 2
 
 

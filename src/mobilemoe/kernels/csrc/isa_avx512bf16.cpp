@@ -137,9 +137,24 @@ void attn_rows(const float* q, int64_t q_stride, int64_t t0, int64_t t1, int64_t
   }
 }
 
+using RowsFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, const uint16_t*, const uint16_t*,
+                        float*, int64_t);
+
+// The kernel instance for head_dim D, or nullptr (the one list of supported head dims).
+RowsFn rows_for(int64_t D) {
+  switch (D) {
+    case 16: return attn_rows<1>;
+    case 32: return attn_rows<2>;
+    case 48: return attn_rows<3>;
+    case 64: return attn_rows<4>;
+    case 128: return attn_rows<8>;
+    default: return nullptr;
+  }
+}
+
 }  // namespace
 
-extern "C" int mm_attn_supports_bf16(int64_t D) { return D == 16 || D == 32 || D == 48 || D == 64 || D == 128; }
+extern "C" int mm_attn_supports_bf16(int64_t D) { return rows_for(D) != nullptr; }
 
 extern "C" void mm_attn_pack_kv_bf16(const uint16_t* k, const uint16_t* v, int64_t S, int64_t D, uint16_t* kp,
                                      uint16_t* vp) {
@@ -170,12 +185,6 @@ extern "C" void mm_attn_pack_kv_bf16(const uint16_t* k, const uint16_t* v, int64
 extern "C" void mm_attn_rows_bf16(const float* q, int64_t q_stride, int64_t t0, int64_t t1, int64_t G, int64_t D,
                                   int64_t start, const uint16_t* kp, const uint16_t* vp, float* out,
                                   int64_t out_stride) {
-  switch (D) {
-    case 16: attn_rows<1>(q, q_stride, t0, t1, G, start, kp, vp, out, out_stride); break;
-    case 32: attn_rows<2>(q, q_stride, t0, t1, G, start, kp, vp, out, out_stride); break;
-    case 48: attn_rows<3>(q, q_stride, t0, t1, G, start, kp, vp, out, out_stride); break;
-    case 64: attn_rows<4>(q, q_stride, t0, t1, G, start, kp, vp, out, out_stride); break;
-    case 128: attn_rows<8>(q, q_stride, t0, t1, G, start, kp, vp, out, out_stride); break;
-    default: break;  // mm_attn_supports_bf16 is checked first
-  }
+  rows_for(D)(q, q_stride, t0, t1, G, start, kp, vp, out, out_stride);  // D checked by mm_attn_supports_bf16
 }
+

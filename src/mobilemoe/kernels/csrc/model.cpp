@@ -76,16 +76,13 @@ float sum_squares(const float* x, int64_t n) {
   return ss;
 }
 
-void rms_norm_rows(const float* x, const float* w, float* y, int64_t T, int64_t H, float eps) {
-  for (int64_t t = 0; t < T; ++t) {
-    const float* xr = x + t * H;
-    float* yr = y + t * H;
-    const float inv = 1.0f / std::sqrt(sum_squares(xr, H) / (float)H + eps);
-    if (w)
-      for (int64_t i = 0; i < H; ++i) yr[i] = xr[i] * inv * w[i];
-    else
-      for (int64_t i = 0; i < H; ++i) yr[i] = xr[i] * inv;
-  }
+// y = x / rms(x) (* w when given) for one row of H values (y may be x).
+void rms_norm_row(const float* x, const float* w, float* y, int64_t H, float eps) {
+  const float inv = 1.0f / std::sqrt(sum_squares(x, H) / (float)H + eps);
+  if (w)
+    for (int64_t i = 0; i < H; ++i) y[i] = x[i] * inv * w[i];
+  else
+    for (int64_t i = 0; i < H; ++i) y[i] = x[i] * inv;
 }
 
 // ---- decode attention over an fp16 KV cache: one KV group (its G query heads) per job --------------
@@ -431,7 +428,7 @@ class NativeModel {
       prof.stop(L.moe ? "moe_experts" : "dense_ffn");
     }
     at::Tensor last = at::empty({1, H}, x.options());
-    rms_norm_rows(x.data_ptr<float>() + (T - 1) * H, final_norm.data_ptr<float>(), last.data_ptr<float>(), 1, H, eps);
+    rms_norm_row(x.data_ptr<float>() + (T - 1) * H, final_norm.data_ptr<float>(), last.data_ptr<float>(), H, eps);
     at::Tensor logits = mobilemoe_api::linear(head, V, H, last).view({V});
     prof.stop("lm_head");
     return logits;
@@ -455,7 +452,7 @@ class NativeModel {
     const float* xp = x.data_ptr<float>();
     const float* wp = w.data_ptr<float>();
     float* yp = y.data_ptr<float>();
-    for_rows(x.size(0), 32, [&](int64_t t) { rms_norm_rows(xp + t * H, wp, yp + t * H, 1, H, eps); });
+    for_rows(x.size(0), 32, [&](int64_t t) { rms_norm_row(xp + t * H, wp, yp + t * H, H, eps); });
   }
 
   // x += y for contiguous fp32 tensors of the same shape: a plain loop (ATen's add_ costs ~1 us of
@@ -575,7 +572,7 @@ class NativeModel {
       for (int64_t hd = 0; hd < nH + nKV; ++hd) {  // q heads then k heads
         float* v = row + hd * D;
         if (L.rope) rope_head(v, pos);
-        if (qk_norm) rms_norm_rows(v, nullptr, v, 1, D, eps);
+        if (qk_norm) rms_norm_row(v, nullptr, v, D, eps);
       }
       for (int64_t g = 0; g < nKV; ++g) {
         std::copy(row + QO + g * D, row + QO + (g + 1) * D, kc + (g * max_len + pos) * D);
