@@ -13,15 +13,19 @@ setup: $(STAMP)
 # torch==2.13.0 is installed first and on its own: pip resolves it to the CPU wheel on local disk.
 # --no-build-isolation: an isolated build env would pull the newest (CUDA) torch from the registry.
 # The editable install also compiles the native kernels mobilemoe._C (setup.py), so it re-runs when they change.
-$(STAMP): pyproject.toml setup.py $(wildcard src/mobilemoe/kernels/csrc/*)
+$(STAMP): pyproject.toml setup.py scripts/install_llama_cpp.sh $(wildcard src/mobilemoe/kernels/csrc/*)
+	# bubblewrap is the HumanEval sandbox's OS boundary (eval refuses HumanEval without it).
+	command -v bwrap >/dev/null || (apt-get update -qq && apt-get install -y -qq bubblewrap) \
+		|| echo "warning: bubblewrap not installed; eval will refuse HumanEval (apt-get install bubblewrap)"
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet "torch==2.13.0"
 	$(VPY) -m pip install --quiet "setuptools>=70" wheel ninja
 	$(VPY) -m pip install --quiet --no-build-isolation -e '.[dev]'
 	# ExecuTorch + torchao without their dependency pins (they would replace torch 2.13.0).
 	$(VPY) -m pip install --quiet --no-deps "executorch==1.5.1" "torchao==0.18.0"
-	# llama.cpp for the GGUF parity tests: built from source in its own isolated build (~5 min, once).
-	$(VPY) -m pip install --quiet "llama-cpp-python==0.3.36" "gguf==0.19.0"
+	# llama.cpp for the GGUF parity tests, built from source without its AMX path (see the script).
+	scripts/install_llama_cpp.sh $(VPY)
+	$(VPY) -m pip install --quiet "gguf==0.19.0"
 	$(VPY) -c "import torch; assert '+cpu' in torch.__version__ or not torch.cuda.is_available(), torch.__version__"
 	touch $(STAMP)
 

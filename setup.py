@@ -54,7 +54,7 @@ setup(
             include_dirs=[os.path.abspath(CSRC)],
             extra_compile_args=COMMON_FLAGS,
             extra_link_args=["-fopenmp"],
-            depends=[os.path.join(CSRC, "mm_common.h")],
+            depends=[os.path.join(CSRC, h) for h in ("mm_common.h", "isa_select.h", "ops_api.h")],
         )
     ],
     cmdclass={"build_ext": BuildExt},

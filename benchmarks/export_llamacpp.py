@@ -9,6 +9,8 @@ exactly, routed experts re-quantized along their input axis), then times
 * ``mobilemoe.runtime.Engine.load(ckpt).generate`` (native INT4 backend when built, else reference):
   its measured prefill (TTFT) and decode tok/s over the same lengths, greedy.
 
+llama.cpp runs in a child process: if it fails or crashes (e.g. SIGILL on a CPU feature its build
+assumed), ``"llama_cpp"`` is ``{"error": "..."}`` and the mobilemoe numbers are still reported.
 Prints one JSON object. Numbers on a shared 2-core machine are noisy.
 
 Usage: python benchmarks/export_llamacpp.py [--preset tiny-moe|mobilemoe-s|...] [--ckpt DIR]
@@ -39,10 +41,11 @@ def main() -> None:
 
     import torch
 
-    from mobilemoe.bench.llamacpp import LlamaCppModel
+    from mobilemoe.bench.llamacpp import run_in_child, time_prefill_decode
     from mobilemoe.bench.random_int4 import random_int4_tensors
     from mobilemoe.checkpoint import save_tensors
     from mobilemoe.config import preset
+    from mobilemoe.errors import MobileMoEError
     from mobilemoe.export.gguf import export_gguf
     from mobilemoe.runtime import Engine
 
@@ -62,14 +65,12 @@ def main() -> None:
     export_s = time.perf_counter() - t0
 
     n_ctx = args.prompt + args.gen + 8
-    ll = LlamaCppModel(gguf_path, n_ctx=n_ctx, threads=args.threads)
-    pre, dec = [], []
-    for _ in range(args.reps):
-        ll.clear()
-        pre.append(ll.prefill(ll.random_ids(args.prompt)))
-        dec.append(ll.decode(args.gen))
-    ll.close()
-    llama = {"prefill_tok_s": args.prompt / statistics.median(pre), "decode_tok_s": args.gen / statistics.median(dec)}
+    try:
+        llama = {k: round(v, 1) for k, v in run_in_child(
+            time_prefill_decode, str(gguf_path), args.prompt, args.gen, args.reps, args.threads,
+            what=f"timing {gguf_path.name}").items()}
+    except MobileMoEError as exc:  # one line in the report; the mobilemoe numbers below still count
+        llama = {"error": str(exc)}
 
     engine = Engine.load(ckpt, max_seq_len=n_ctx)
     gen = torch.Generator().manual_seed(0)
@@ -86,7 +87,7 @@ def main() -> None:
                       "gguf_type": args.type, "gguf_bytes": gguf_path.stat().st_size, "export_s": round(export_s, 2),
                       "exact_q4_0_tensors": len(report.exact_q4_0), "requantized_tensors": len(report.requantized),
                       "prompt": args.prompt, "gen": args.gen, "threads": args.threads,
-                      "llama_cpp": {k: round(v, 1) for k, v in llama.items()},
+                      "llama_cpp": llama,
                       "mobilemoe_engine": {k: (round(v, 1) if isinstance(v, float) else v) for k, v in ours.items()}},
                      indent=2))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 
 from mobilemoe.errors import MobileMoEError
@@ -40,16 +41,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_input_error(exc: BaseException) -> str | None:
+    """One line for an error that bad files or disks cause (None for a bug, which keeps its traceback).
+
+    Commands raise :class:`MobileMoEError` for what they validate; this is the net under them, so an
+    unreadable file, a full disk or a corrupt safetensors/JSON file never prints a traceback.
+    """
+    if isinstance(exc, MobileMoEError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = exc.filename if exc.filename is not None else "file system"
+        return f"{where}: {exc.strerror or exc}"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not valid UTF-8 text (byte {exc.start}): {exc.reason}"
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        return None
+    if isinstance(exc, SafetensorError):
+        return f"not a valid safetensors file: {exc}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except MobileMoEError as exc:
-        print(f"mobilemoe {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"mobilemoe {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        message = describe_input_error(exc)
+        if message is None:
+            raise
+        print(f"mobilemoe {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

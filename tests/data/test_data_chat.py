@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +27,6 @@ CHAT = [
     {"role": "user", "content": "And 3+3?"},
     {"role": "assistant", "content": "It is 6.\n#### 6"},
 ]
-SHARED_GSM8K = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 
 
 def conversations(n):
@@ -81,9 +79,8 @@ def test_gsm8k_reader(tmp_path):
         list(read_gsm8k(bad))
 
 
-@pytest.mark.skipif(not SHARED_GSM8K.is_file(), reason="shared GSM8K copy not present")
-def test_real_gsm8k_lines(tokenizer):
-    convs = list(itertools.islice(read_gsm8k(SHARED_GSM8K), 8))
+def test_real_gsm8k_lines(tokenizer, shared_data):
+    convs = list(itertools.islice(read_gsm8k(shared_data("gsm8k/test.jsonl") / "gsm8k/test.jsonl"), 8))
     assert len(convs) == 8 and all(gsm8k_final_answer(c[1]["content"]) for c in convs)
 
 

@@ -40,6 +40,7 @@ def test_table_on_tiny_checkpoint(run_cli, tiny_ckpt, data_dir):
     assert "acc_norm *" in out  # ARC's average uses acc_norm
 
 
+@pytest.mark.sandbox
 def test_json_output(run_cli, tiny_ckpt, data_dir):
     rc, out, err = run_cli("--model", tiny_ckpt, "--tasks", "arc_easy,wikitext2,gsm8k,humaneval", "--limit", 1,
                            "--data-dir", data_dir, "--json", "--no-progress", "--window", 64,

@@ -116,12 +116,14 @@ def test_reference_generate_matches_uncached_greedy(tiny_lm):
 
 
 # ---------------------------------------------------------------------- HumanEval sandbox
+@pytest.mark.sandbox
 def test_sandbox_passes_and_fails():
     assert run_python("assert sum([1, 2]) == 3\n", timeout=5).passed
     res = run_python("assert 1 == 2\n", timeout=5)
     assert res.status == "failed" and "AssertionError" in res.stderr
 
 
+@pytest.mark.sandbox
 def test_sandbox_kills_infinite_loop():
     start = time.monotonic()
     res = run_python("while True:\n    pass\n", timeout=1.0)
@@ -129,6 +131,7 @@ def test_sandbox_kills_infinite_loop():
     assert time.monotonic() - start < 5
 
 
+@pytest.mark.sandbox
 def test_sandbox_contains_writes_outside_its_temp_dir(tmp_path):
     target = tmp_path / "escaped.txt"
     victim = tmp_path / "victim.txt"
@@ -153,6 +156,7 @@ def test_sandbox_contains_writes_outside_its_temp_dir(tmp_path):
     assert ok.passed, ok.stderr
 
 
+@pytest.mark.sandbox
 def test_sandbox_environment_is_restricted(monkeypatch):
     monkeypatch.setenv("SECRET_TOKEN", "hunter2")
     code = "import os\nassert 'SECRET_TOKEN' not in os.environ\nassert os.getcwd() == os.environ['HOME']\n"
@@ -160,6 +164,7 @@ def test_sandbox_environment_is_restricted(monkeypatch):
     assert res.passed, res.stderr
 
 
+@pytest.mark.sandbox
 def test_humaneval_end_to_end_with_pluggable_generator(tiny_lm, data_dir):
     path = data_dir / "humaneval/HumanEval.jsonl.gz"
     (problem,) = read_humaneval(path)
@@ -172,6 +177,12 @@ def test_humaneval_end_to_end_with_pluggable_generator(tiny_lm, data_dir):
     res = evaluate_humaneval(EvalLM(tiny_lm.model, tiny_lm.tokenizer, generate_fn=gen), path, timeout=1.0,
                              return_samples=True)
     assert res.acc == 0.0 and res.extra["samples"][0]["status"] == "timeout"
+    # exiting 0 before check() runs is not a pass (the probe's false pass)
+    for early in ("raise SystemExit(0)", "import os; os._exit(0)"):
+        gen, _ = scripted(tiny_lm.tokenizer, ["    return a - b\n" + early + "\n"])
+        res = evaluate_humaneval(EvalLM(tiny_lm.model, tiny_lm.tokenizer, generate_fn=gen), path,
+                                 return_samples=True)
+        assert res.acc == 0.0 and res.extra["samples"][0]["status"] == "failed", early
 
 
 def test_pass_at_k():
@@ -184,7 +195,8 @@ def test_pass_at_k():
 REAL = default_data_dir()
 
 
-@pytest.mark.skipif(not (REAL / "humaneval/HumanEval.jsonl.gz").is_file(), reason="shared HumanEval not found")
+@pytest.mark.shared_data("humaneval/HumanEval.jsonl.gz")
+@pytest.mark.sandbox
 def test_real_humaneval_canonical_solutions_pass_in_the_sandbox():
     problems = read_humaneval(REAL / "humaneval/HumanEval.jsonl.gz", limit=12)
     with gzip.open(REAL / "humaneval/HumanEval.jsonl.gz", "rt") as fh:
@@ -193,7 +205,7 @@ def test_real_humaneval_canonical_solutions_pass_in_the_sandbox():
         assert run_python(humaneval_program(p, r["canonical_solution"])).passed, p["task_id"]
 
 
-@pytest.mark.skipif(not (REAL / "gsm8k/test.jsonl").is_file(), reason="shared GSM8K not found")
+@pytest.mark.shared_data("gsm8k/test.jsonl")
 def test_real_gsm8k_references_match_themselves():
     for p in read_gsm8k_problems(REAL / "gsm8k/test.jsonl"):
         assert is_correct(p["answer"], p["answer"]), p["where"]

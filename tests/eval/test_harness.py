@@ -77,13 +77,12 @@ def test_registered_model_matches_own_scorer(lm_eval, tiny_ckpt, tiny_lm, tmp_pa
 
 
 @pytest.mark.parametrize("task", ["arc_easy", "piqa"])
-def test_harness_equals_ours_on_real_items(lm_eval, tiny_ckpt, tiny_lm, tmp_path, task):
+def test_harness_equals_ours_on_real_items(lm_eval, tiny_ckpt, tiny_lm, tmp_path, task, shared_data):
     """The first 20 items of the local arc_easy / piqa files, as our readers build them."""
-    from mobilemoe.eval.tasks import get_task, load_task_items, task_path
+    from mobilemoe.eval.tasks import get_task, load_task_items
 
-    if not task_path(get_task(task)).exists():
-        pytest.skip(f"{task} data not found beside the checkout (shared/data)")
-    items = load_task_items(task, limit=20)
+    root = shared_data(get_task(task).path)  # skips on a clone without the shared datasets
+    items = load_task_items(task, root, limit=20)
     assert all(len(set(i.contexts)) == 1 for i in items)  # one context per item: a query/choices task
     records = [{"query": i.contexts[0], "choices": [c[1:] for c in i.continuations], "gold": i.gold} for i in items]
     assert all(c == " " + t for i in items for c, t in zip(i.continuations, i.choice_texts))

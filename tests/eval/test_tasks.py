@@ -9,7 +9,6 @@ import json
 from mobilemoe.data.readers import DataError
 from mobilemoe.eval import TASKS, evaluate_mmlu, get_task, load_task_items, read_items
 from mobilemoe.eval.mmlu import format_question, mmlu_items, read_mmlu_csv, subjects
-from mobilemoe.eval.tasks import default_data_dir
 
 ARC = [{"query": "Question: What color is the sky?", "choices": ["blue", "green"], "gold": 0},
        {"query": "Question: Two plus two?", "choices": ["three", "four"], "gold": 1}]
@@ -20,9 +19,6 @@ def write_jsonl(path, records):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
     return path
 
-
-REAL = default_data_dir()
-needs_real = pytest.mark.skipif(not (REAL / "arc_easy").is_dir(), reason=f"shared datasets not found at {REAL}")
 
 EXPECTED_CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "piqa": 0.5, "boolq": 0.5, "openbookqa": 0.25,
                    "siqa": 0.5, "copa": 0.5, "commonsense_qa": 0.25, "winogrande": 0.5, "winograd_wsc": 0.5}
@@ -65,11 +61,10 @@ def test_item_formats(data_dir):
     assert len(lam) == 1 and lam[0].continuations == [" dog"]
 
 
-@needs_real
 @pytest.mark.parametrize("name", [n for n, t in TASKS.items() if t.build is not None])
-def test_real_files_parse(name):
+def test_real_files_parse(name, shared_data):
     spec = TASKS[name]
-    items = load_task_items(name, limit=50)
+    items = load_task_items(name, shared_data(spec.path), limit=50)
     assert len(items) == 50
     for it in items:
         assert 0 <= it.gold < it.num_choices and all(c.startswith(" ") for c in it.continuations)
@@ -80,11 +75,11 @@ def test_real_files_parse(name):
     assert spec.kind in ("mc", "partial", "lambada")
 
 
-@needs_real
-def test_real_mmlu_layout():
-    names = subjects(REAL / "mmlu")
+def test_real_mmlu_layout(shared_data):
+    mmlu = shared_data("mmlu") / "mmlu"
+    names = subjects(mmlu)
     assert len(names) == 57 and "abstract_algebra" in names
-    items, prefixes = mmlu_items(REAL / "mmlu", "anatomy", shots=5, limit=2)
+    items, prefixes = mmlu_items(mmlu, "anatomy", shots=5, limit=2)
     assert prefixes[0].startswith("The following are multiple choice questions (with answers) about anatomy.\n\n")
     assert prefixes[0].count("\nAnswer: ") == 5
     assert items[0].continuations == [" A", " B", " C", " D"] and items[0].contexts[0].endswith("\nAnswer:")

@@ -1,5 +1,6 @@
 """GGUF export: llama.cpp's logits match mobilemoe's; Q4_0 is code-exact; router patching; bad input."""
 
+import importlib.util
 import shutil
 
 import numpy as np
@@ -18,17 +19,12 @@ gguf = pytest.importorskip("gguf")
 
 
 def _llama_logits(path, ids):
-    pytest.importorskip("llama_cpp")
-    from mobilemoe.export.llamacpp_logits import LlamaCppLogits
+    """llama.cpp in a child process: a crash there fails this test with one line, not pytest."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed")
+    from mobilemoe.export.llamacpp_logits import llama_logits
 
-    ll = LlamaCppLogits(path, n_ctx=64)
-    try:
-        step = ll.stepwise_logits(ids)  # one token per call: exercises the KV cache
-        ll.clear()
-        batch = ll.logits(ids)  # the whole prompt in one batch
-    finally:
-        ll.close()
-    return step, batch
+    return llama_logits(path, ids, n_ctx=64)
 
 
 def _ref_logits(ckpt, ids):
@@ -119,9 +115,10 @@ def test_q4_0_nibble_order_round_trip():
 
 
 def test_tokenizer_exported_as_gpt2_bpe(ckpts, tmp_path):
-    pytest.importorskip("llama_cpp")
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed")
     from mobilemoe.data.tokenizer import Tokenizer, train_bpe
-    from mobilemoe.export.llamacpp_logits import LlamaCppLogits
+    from mobilemoe.export.llamacpp_logits import llama_tokenize
 
     ck = tmp_path / "ck"
     shutil.copytree(ckpts["plain"], ck)
@@ -130,16 +127,7 @@ def test_tokenizer_exported_as_gpt2_bpe(ckpts, tmp_path):
     r = export_gguf(ck, tmp_path / "t.gguf", "f16")
     assert r.tokenizer == "gpt2"
     ours = Tokenizer.load(ck).encode(text)
-    ll = LlamaCppLogits(tmp_path / "t.gguf", n_ctx=64)
-    try:
-        L = ll.L
-        vocab = L.llama_model_get_vocab(ll.model)
-        buf = (L.llama_token * 256)()
-        raw = text.encode()
-        n = L.llama_tokenize(vocab, raw, len(raw), buf, 256, False, False)
-        assert list(buf[:n]) == ours
-    finally:
-        ll.close()
+    assert llama_tokenize(tmp_path / "t.gguf", text) == ours
 
 
 def test_patch_routers_changes_only_routers(ckpts, prompt, tmp_path):

@@ -36,3 +36,20 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+TEXT = ("The quick brown fox jumps over the lazy dog. The sky is blue and the grass is green. "
+        "Question: what is two plus two? Answer: four. def add(a, b): return a + b\n")
+
+
+@pytest.fixture
+def text_model_dir(tmp_path):
+    """A tiny MobileMoE checkpoint with a BPE tokenizer.json (for text --data; the vocabularies match)."""
+    from mobilemoe.data.tokenizer import train_bpe
+
+    tok = train_bpe([TEXT] * 20, vocab_size=300)
+    torch.manual_seed(0)
+    d = tmp_path / "mm-text"
+    save_checkpoint(MobileMoEForCausalLM(tiny_cfg(vocab_size=tok.vocab_size)), d)
+    tok.save(d)
+    return d

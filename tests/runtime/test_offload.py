@@ -122,3 +122,49 @@ def test_store_of_an_older_format_is_rewritten(int4_ckpt, tmp_path):
     (d / STORE_INDEX).write_text(json.dumps({**index, "format": "something-else"}))
     with pytest.raises(MobileMoEError, match="format 'something-else'"):
         ensure_store(int4_ckpt, cfg, d)
+
+
+def _generate(main, capsys, ckpt, *extra) -> list[int]:
+    import json
+
+    args = ["generate", "--model", str(ckpt), "--prompt-ids", "5,6,7", "--max-new-tokens", "8", "--json", *extra]
+    assert main(args) == 0
+    return json.loads(capsys.readouterr().out)["ids"]
+
+
+def test_corrupted_store_does_not_change_the_tokens(int4_ckpt, tmp_path, capsys):
+    """Probe: bytes of experts.bin flipped in place used to change the generated tokens with rc 0."""
+    from mobilemoe.cli import main
+
+    plain = _generate(main, capsys, int4_ckpt)
+    store = ["--cache-experts", "4", "--expert-store", str(tmp_path / "st")]
+    assert _generate(main, capsys, int4_ckpt, *store) == plain
+    blob = bytearray((tmp_path / "st" / "experts.bin").read_bytes())
+    blob[: len(blob) // 2] = bytes(len(blob) // 2)  # zero the first half of the records
+    with open(tmp_path / "st" / "experts.bin", "r+b") as fh:
+        fh.write(blob)
+    assert _generate(main, capsys, int4_ckpt, *store) == plain
+
+
+def test_quantize_force_over_an_old_store(tmp_path, capsys):
+    """Probe: `quantize --force` into a directory with an old expert-store/ used to leave the stale
+    experts in use, so offloaded tokens differed from in-memory ones."""
+    from mobilemoe.checkpoint import save_checkpoint
+    from mobilemoe.cli import main
+    from mobilemoe.config import preset
+    from mobilemoe.model import MobileMoEForCausalLM
+
+    for seed in (1, 2):
+        model = MobileMoEForCausalLM(preset("tiny-moe", max_position_embeddings=64))
+        model.reset_parameters(seed=seed)
+        save_checkpoint(model, tmp_path / f"float{seed}")
+    out = tmp_path / "int4"
+    assert main(["quantize", str(tmp_path / "float1"), str(out)]) == 0
+    capsys.readouterr()
+    _generate(main, capsys, out, "--cache-experts", "4")  # writes out/expert-store
+    assert (out / "expert-store" / "experts.bin").exists()
+    assert main(["quantize", str(tmp_path / "float2"), str(out), "--force"]) == 0
+    assert "removed the old checkpoint's expert store" in capsys.readouterr().out
+    assert not (out / "expert-store" / "experts.bin").exists()
+    plain = _generate(main, capsys, out)
+    assert _generate(main, capsys, out, "--cache-experts", "4") == plain

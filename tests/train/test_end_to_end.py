@@ -55,7 +55,10 @@ def test_tiny_train_lowers_loss_and_chains(tmp_path, capsys):
     again = _run(capsys, recipe, "--out", out, "--resume")  # everything finished: both skipped
     assert [r["skipped"] for r in again] == [True, True]
 
-    only = _run(capsys, recipe, "--out", out, "--stage", "midtrain", "--max-steps", "2")
+    # re-running a finished stage without --resume would replace its final/: refused, --force does it
+    assert main(["train", str(recipe), "--out", str(out), "--stage", "midtrain", "--json"]) == 2
+    assert "already holds a training run" in capsys.readouterr().err
+    only = _run(capsys, recipe, "--out", out, "--stage", "midtrain", "--max-steps", "2", "--force")
     assert only[0]["steps"] == 2 and only[0]["init"] == str(out / "pretrain" / "final")
 
 

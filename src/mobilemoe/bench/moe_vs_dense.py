@@ -6,6 +6,9 @@ repetitions, and the medians are reported. Every ratio is taken between numbers 
 
 Per context c: TTFT = time to prefill c random tokens into an empty cache; decode = tokens/s of
 ``decode_tokens`` single-token steps right after that prefill (so at context c).
+
+A llama.cpp worker that fails or dies (e.g. SIGILL in a matmul this CPU cannot run) ends only the
+llama.cpp side: the report keeps the mobilemoe numbers and says ``"llama_cpp": {"error": "..."}``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from mobilemoe import accounting
+from mobilemoe.bench.llamacpp import LlamaCppCrash, exit_description
 from mobilemoe.config import preset
+from mobilemoe.errors import MobileMoEError
 
 MOBILEMOE, LLAMA_CPP = "mobilemoe", "llama_cpp"
 
@@ -102,25 +107,37 @@ class Worker:
         self.proc = ctx.Process(target=_worker, args=(child, runtime, str(path), max_ctx, cfg.threads,
                                                       cfg.backend, cfg.seed), daemon=True)
         self.proc.start()
-        self.load_info = self._expect("ready")
+        child.close()  # the parent's copy would keep the pipe open after the worker dies
+        self.load_info = self._ask(None, "ready", "loading")
 
-    def _expect(self, kind: str) -> Any:
-        tag, payload = self.conn.recv()
+    def _ask(self, msg: tuple | None, kind: str, doing: str) -> Any:
+        """Send ``msg`` (None: nothing), return the payload of the ``kind`` answer."""
+        try:
+            if msg is not None:
+                self.conn.send(msg)
+            tag, payload = self.conn.recv()
+        except (EOFError, OSError):  # the worker died without answering
+            self.proc.join(timeout=30)
+            how = exit_description(self.proc.exitcode if self.proc.exitcode is not None else 0)
+            if self.runtime == LLAMA_CPP:
+                raise LlamaCppCrash(f"llama.cpp crashed ({how}) while {doing} {self.name}") from None
+            raise MobileMoEError(f"{self.runtime} worker for {self.name} died ({how}) while {doing}") from None
         if tag == "error":
-            raise RuntimeError(f"{self.runtime} worker for {self.name}: {payload}")
+            raise MobileMoEError(f"{self.runtime} worker for {self.name}: {payload}")
         assert tag == kind, (tag, kind)
         return payload
 
     def measure(self, ctx: int, n: int) -> tuple[float, float]:
-        self.conn.send(("measure", ctx, n))
-        return self._expect("measure")
+        return self._ask(("measure", ctx, n), "measure", f"timing context {ctx} of")
 
     def peak_rss(self) -> int:
-        self.conn.send(("rss",))
-        return self._expect("rss")
+        return self._ask(("rss",), "rss", "reporting the peak RSS of")
 
     def stop(self) -> None:
-        self.conn.send(("stop",))
+        try:
+            self.conn.send(("stop",))
+        except OSError:  # already dead
+            pass
         self.proc.join(timeout=30)
 
 
@@ -204,25 +221,62 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     bandwidth = dram_read_bandwidth_gbs()
     paths = prepare_models(cfg)
     max_ctx = max(cfg.contexts) + cfg.decode_tokens + 8
-    workers = {key: Worker(f"{key[0]}:{cfg.moe if key[0] == 'moe' else cfg.dense}", key[1], path, max_ctx, cfg)
-               for key, path in paths.items()}
-    samples: dict = {key: {ctx: [] for ctx in cfg.contexts} for key in workers}
-    total = cfg.repeats * len(cfg.contexts) * len(workers)
+    workers: dict[tuple[str, str], Worker] = {}
+    llama_error: str | None = None
+
+    def drop_llama_cpp(exc: MobileMoEError) -> None:
+        """A llama.cpp failure ends the llama.cpp side only; a mobilemoe failure ends the run."""
+        nonlocal llama_error
+        llama_error = llama_error or str(exc)
+        for key in [k for k in samples if k[1] == LLAMA_CPP]:
+            samples.pop(key)
+            if key in workers:
+                workers.pop(key).stop()
+
+    samples: dict = {key: {ctx: [] for ctx in cfg.contexts} for key in paths}
     try:
+        for key, path in paths.items():
+            if key[1] == LLAMA_CPP and llama_error:
+                continue  # llama.cpp already failed on the other model
+            try:
+                workers[key] = Worker(f"{key[0]}:{cfg.moe if key[0] == 'moe' else cfg.dense}", key[1], path,
+                                      max_ctx, cfg)
+            except MobileMoEError as exc:
+                if key[1] != LLAMA_CPP:
+                    raise
+                drop_llama_cpp(exc)
+        total = cfg.repeats * len(cfg.contexts) * len(workers)
         with tqdm(total=total, desc="bench", disable=not progress) as bar:
             for _ in range(cfg.repeats):
                 for ctx in cfg.contexts:
-                    for key, worker in workers.items():  # alternate models within each context
-                        samples[key][ctx].append(worker.measure(ctx, cfg.decode_tokens))
+                    for key, worker in list(workers.items()):  # alternate models within each context
+                        if key not in workers:  # dropped with its llama.cpp partner
+                            continue
+                        try:
+                            samples[key][ctx].append(worker.measure(ctx, cfg.decode_tokens))
+                        except MobileMoEError as exc:
+                            if key[1] != LLAMA_CPP:
+                                raise
+                            drop_llama_cpp(exc)
                         bar.update()
-        rss = {key: w.peak_rss() for key, w in workers.items()}
+        rss = {}
+        for key in list(workers):
+            try:
+                rss[key] = workers[key].peak_rss()
+            except MobileMoEError as exc:
+                if key[1] != LLAMA_CPP:
+                    raise
+                drop_llama_cpp(exc)
         load_info = {f"{k[0]}/{k[1]}": w.load_info for k, w in workers.items()}
     finally:
         for w in workers.values():
             w.stop()
     report = summarize(cfg, samples, rss, bandwidth)
+    flat = flat_keys(report)
+    if llama_error:
+        flat[LLAMA_CPP] = {"error": llama_error}
     return {
-        **flat_keys(report),
+        **flat,
         "by_runtime": report,
         "load_rss": load_info,
         "dram_read_gbs": bandwidth,

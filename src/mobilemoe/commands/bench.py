@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--backend", default="auto", choices=["auto", "native", "reference"])
     p.add_argument("--with-llama-cpp", action="store_true",
-                   help="also time llama.cpp on Q4_0 GGUFs of the same shapes (installed by make setup)")
+                   help="also time llama.cpp on Q4_0 GGUFs of the same shapes (installed by make setup), in its own "
+                        "processes: a llama.cpp crash is reported as one line and the mobilemoe numbers still are")
     p.add_argument("--cache-dir", default="runs/bench-models", help="where random models are written once")
     p.add_argument("--plot", default=None, help="write the figure to this PNG")
     p.add_argument("--json", action="store_true", help="print the full JSON report")
@@ -55,5 +56,8 @@ def run(args: argparse.Namespace) -> int:
                   f"prefill {data[f'moe_prefill_tok_s_{c}']:7.1f} vs {data[f'dense_prefill_tok_s_{c}']:6.1f} tok/s "
                   f"(x{data[f'prefill_speedup_{c}']:.2f}, ceiling x{result['by_runtime']['ceilings'][str(c)]['prefill_ceiling']:.2f})")
         print(f"  peak RSS: MoE {data['moe_peak_rss_bytes'] / 2**20:.0f} MiB, dense {data['dense_peak_rss_bytes'] / 2**20:.0f} MiB")
+    llama = result.get("llama_cpp")
+    if isinstance(llama, dict) and "error" in llama:  # the mobilemoe numbers above still stand
+        print(f"llama_cpp: error: {llama['error']}")
     print(f"DRAM read bandwidth: {result['dram_read_gbs']:.1f} GB/s")
     return 0

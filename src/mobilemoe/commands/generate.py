@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from pathlib import Path
 
 from mobilemoe.commands.common import print_json
 
@@ -37,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_engine_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs tokenizer.json in the checkpoint)")
+    src.add_argument("--prompt-file", metavar="PATH", help="read the prompt text from a UTF-8 file (as is)")
     src.add_argument("--prompt-ids", help="comma-separated token ids")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn of the chat template")
     p.add_argument("--json", action="store_true", help="print a JSON record instead of streaming text")
@@ -51,33 +54,65 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _engine_and_sampling(args):
+    from mobilemoe.errors import MobileMoEError
     from mobilemoe.runtime.engine import Engine
     from mobilemoe.runtime.sampling import SamplingParams
 
-    engine = Engine.load(args.model, max_seq_len=args.max_seq_len, backend=args.backend, offload=_offload(args))
+    if args.max_seq_len is not None and args.max_seq_len < 1:
+        raise MobileMoEError(f"--max-seq-len: expected a positive number of tokens, got {args.max_seq_len}")
+    if args.max_new_tokens < 0:
+        raise MobileMoEError(f"--max-new-tokens: expected >= 0, got {args.max_new_tokens}")
+    # checked before loading: a bad flag should not cost a model load (or an expert-store build)
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    offload = _offload(args)
+    engine = Engine.load(args.model, max_seq_len=args.max_seq_len, backend=args.backend, offload=offload)
     return engine, sampling
 
 
+_SIZE = re.compile(r"\s*((?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)\s*([kmgt]i?b|b)?\s*", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
 def parse_size(text: str) -> int:
-    """'300MB', '1.5GB', '512MiB', '2e9' -> bytes."""
+    """'300MB', '1.5GB', '512MiB', '2e9' -> bytes: a finite, positive decimal number with an optional
+    unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), at least one byte."""
     from mobilemoe.errors import MobileMoEError
 
-    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
-    t = text.strip().lower()
-    for unit, mult in units.items():
-        if t.endswith(unit):
-            t, scale = t[: -len(unit)], mult
-            break
-    else:
-        scale = 1
-    try:
-        value = float(t) * scale
-    except ValueError:
-        raise MobileMoEError(f"--max-memory: expected a size like 300MB or 1.5GB, got {text!r}") from None
-    if value <= 0:
-        raise MobileMoEError(f"--max-memory: must be positive, got {text!r}")
+    m = _SIZE.fullmatch(text)
+    if m is None:  # also refuses nan, inf, signs and hex, which float() would take
+        raise MobileMoEError(f"--max-memory: expected a size like 300MB, 1.5GB or 512MiB, got {text!r}")
+    value = float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()]
+    if not 1 <= value < 2**63:
+        raise MobileMoEError(f"--max-memory: expected between 1 byte and 8 EiB, got {text!r}")
     return int(value)
+
+
+def read_prompt_file(path: str) -> str:
+    """The text of a prompt file, as is; one line naming the file and the byte offset if it is not UTF-8."""
+    from mobilemoe.errors import MobileMoEError
+
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise MobileMoEError(f"--prompt-file {path}: cannot read it: {exc.strerror or exc}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MobileMoEError(f"--prompt-file {path}: not valid UTF-8 at byte {exc.start} "
+                             f"(0x{raw[exc.start]:02x}: {exc.reason})") from None
+
+
+def checked_text(text: str, where: str) -> str:
+    """``text`` unless it carries undecodable input bytes (Python keeps them from argv and stdin as lone
+    surrogates, which no tokenizer can encode): then one line naming ``where`` and the byte offset."""
+    from mobilemoe.errors import MobileMoEError
+
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # text[:start] is valid, so its UTF-8 length is the byte offset
+        raise MobileMoEError(f"{where}: not valid UTF-8 at byte {len(text[:exc.start].encode('utf-8'))}") from None
+    return text
 
 
 def _offload(args):
@@ -130,6 +165,11 @@ class _Streamer:
 def run_generate(args: argparse.Namespace) -> int:
     from mobilemoe.errors import MobileMoEError
 
+    text = None  # the prompt, read and checked before the model loads
+    if args.prompt_file is not None:
+        text = read_prompt_file(args.prompt_file)
+    elif args.prompt is not None:
+        text = checked_text(args.prompt, "--prompt")
     engine, sampling = _engine_and_sampling(args)
     if args.prompt_ids is not None:
         try:
@@ -141,9 +181,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
         if engine.tokenizer is None:
             raise MobileMoEError("--chat needs tokenizer.json in the checkpoint")
-        prompt = encode_prompt(engine.tokenizer, [{"role": "user", "content": args.prompt}])
+        prompt = encode_prompt(engine.tokenizer, [{"role": "user", "content": text}])
     else:
-        prompt = engine.encode(args.prompt)
+        prompt = engine.encode(text)
     streamer = None if args.json else _Streamer(engine.tokenizer)
     result = engine.generate(prompt, args.max_new_tokens, sampling, _stop_ids(engine, args.chat), on_token=streamer)
     record = {
@@ -175,13 +215,18 @@ def run_chat(args: argparse.Namespace) -> int:
     engine, sampling = _engine_and_sampling(args)
     if engine.tokenizer is None:
         raise MobileMoEError("chat needs tokenizer.json in the checkpoint")
-    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages = [{"role": "system", "content": checked_text(args.system, "--system")}] if args.system else []
     interactive = sys.stdin.isatty()
+    turn = 0
     while True:
         if interactive:
             sys.stdout.write("you> ")
             sys.stdout.flush()
-        line = sys.stdin.readline()
+        turn += 1
+        try:
+            line = checked_text(sys.stdin.readline(), f"standard input, line {turn}")
+        except UnicodeDecodeError as exc:  # a strict stdin decoder
+            raise MobileMoEError(f"standard input, line {turn}: not valid UTF-8 ({exc.reason})") from None
         if not line.strip():
             return 0
         messages.append({"role": "user", "content": line.rstrip("\n")})

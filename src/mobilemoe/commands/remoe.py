@@ -7,8 +7,13 @@ import argparse
 
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="stdlib",
-                   help="stdlib[:N] (embedded corpus), a .txt/.jsonl/.parquet file or folder, a ShareGPT .json, "
-                        "or random[:V] (default: stdlib)")
+                   help="stdlib[:N] (embedded corpus); a text file (.txt/.md/.py..., split by blank-line "
+                        "paragraphs), .jsonl/.parquet (field text) or ShareGPT .json; a folder (its *.txt *.text "
+                        "*.md *.rst *.py files, or --glob) or DIR/**/*.EXT; or random[:V]. Every 20th "
+                        "paragraph/row/file is held out for validation; under 20, the last 5%% of each "
+                        "(default: stdlib)")
+    p.add_argument("--glob", default=None, metavar="PATTERN",
+                   help="with a folder --data: the files to read, e.g. '**/*.c' (default: the text suffixes above)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (train default 2048, eval 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 is fastest for tiny models)")
@@ -130,7 +135,7 @@ def run_train(args) -> int:
                            checkpoint_every=args.checkpoint_every, weights=_weights(args))
     cfg.validate()
     vocab = adapter.model.config.vocab_size
-    tokens = token_array(args.data, args.model, "train", args.max_tokens, vocab, args.seed)
+    tokens = token_array(args.data, args.model, "train", args.max_tokens, vocab, args.seed, args.glob)
     trainer = RemoeTrainer(adapter, cfg, batches(tokens, seq, args.batch_size, args.seed), args.out,
                            progress=not args.no_progress and not args.json)
     res = trainer.fit(resume=args.resume)
@@ -173,7 +178,7 @@ def run_eval(args) -> int:
         profiles[prof.name] = prof
     base = load_adapter(args.model)
     vocab = base.model.config.vocab_size
-    tokens = token_array(args.data, args.model, "validation", seq * args.windows + 1, vocab, args.seed)
+    tokens = token_array(args.data, args.model, "validation", seq * args.windows + 1, vocab, args.seed, args.glob)
     windows = eval_windows(tokens, seq, args.windows)
     results = {"before": evaluate(base, windows, args.capacity, profiles=profiles, compute_ms=args.compute_ms)}
     other = None
@@ -275,7 +280,7 @@ def run_trace(args) -> int:
     adapter = load_adapter(args.model)
     seq = args.seq_len or 256
     tokens = token_array(args.data, args.model, "validation", seq * args.windows + 1,
-                         adapter.model.config.vocab_size, args.seed)
+                         adapter.model.config.vocab_size, args.seed, args.glob)
     seqs = [w[:, :-1] for w in eval_windows(tokens, seq, args.windows)]
     tr = trace_generation(adapter, seqs, args.generate) if args.generate else trace_sequences(adapter, seqs)
     path = tr.save(args.out)

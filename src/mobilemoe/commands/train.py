@@ -12,16 +12,23 @@ def register(subparsers) -> None:
                     "starting from the previous stage's final checkpoint. Metrics go to OUT/<stage>/metrics.jsonl, "
                     "checkpoints to OUT/<stage>/checkpoints, the stage's model to OUT/<stage>/final. "
                     "For several processes launch with torchrun, e.g. "
-                    "`torchrun --nproc-per-node 2 -m mobilemoe.cli train recipes/tiny.yaml`.")
+                    "`torchrun --nproc-per-node 2 -m mobilemoe.cli train recipes/tiny.yaml`. OUT is locked while "
+                    "a run writes it: a second `train` into the same OUT is refused.")
     p.add_argument("recipe", metavar="RECIPE.yaml", help="a recipe file (see recipes/)")
     p.add_argument("--stage", choices=["pretrain", "midtrain", "sft", "qat"],
                    help="run only this stage (from --init, or the previous stage's OUT/<prev>/final)")
     p.add_argument("--init", metavar="CKPT", help="checkpoint directory to start from (instead of a fresh "
                                                    "init or the previous stage's output)")
     p.add_argument("--out", metavar="DIR", help="output directory (default: runs/<recipe name>)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue exactly from the newest checkpoint in OUT; finished stages are skipped, "
-                        "stages without a checkpoint start normally")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue exactly from the newest readable checkpoint in OUT (a damaged one falls "
+                            "back to the one before it, with a warning); finished stages are skipped, stages "
+                            "without a checkpoint start over")
+    again.add_argument("--force", action="store_true",
+                       help="delete the output of the stages being run (OUT/<stage>/, and for a whole-chain run "
+                            "OUT/tokenizer.json) and start over; without --resume or --force a stage whose "
+                            "directory already holds output is refused")
     p.add_argument("--max-steps", type=int, metavar="N",
                    help="override every stage's step count (the LR schedule spans N steps)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -42,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         raise MobileMoEError(f"--max-steps must be a positive integer, got {args.max_steps}")
     recipe = load_recipe(args.recipe)
     out = args.out or f"runs/{recipe.name}"
-    reports = run_recipe(recipe, out, stage=args.stage, init=args.init, resume=args.resume,
+    reports = run_recipe(recipe, out, stage=args.stage, init=args.init, resume=args.resume, force=args.force,
                          max_steps=args.max_steps, progress=not args.no_progress and not args.json)
     if not current().is_main:
         return 0

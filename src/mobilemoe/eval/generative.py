@@ -27,7 +27,7 @@ from mobilemoe.data.chat import encode_prompt, gsm8k_final_answer
 from mobilemoe.data.readers import DataError, get_field, iter_jsonl
 from mobilemoe.eval.lm import EvalLM, _progress
 from mobilemoe.eval.multiple_choice import TaskResult, stderr_of_mean
-from mobilemoe.eval.sandbox import run_python
+from mobilemoe.eval.sandbox import require_sandbox, run_python
 
 # ---------------------------------------------------------------------- answer extraction
 # A number: optional sign and currency, digits with optional thousands commas, optional decimals.
@@ -225,7 +225,13 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def evaluate_humaneval(lm: EvalLM, path: str | os.PathLike, *, limit: int | None = None, max_new_tokens: int = 384,
                        timeout: float = 10.0, name: str = "humaneval", return_samples: bool = False) -> TaskResult:
-    """pass@1 with greedy decoding; each program runs in :func:`~mobilemoe.eval.sandbox.run_python`."""
+    """pass@1 with greedy decoding; each program runs in :func:`~mobilemoe.eval.sandbox.run_python`.
+
+    A program passes only if ``check(entry_point)`` returned (the sandbox's pass marker), so a
+    completion that exits early, e.g. ``raise SystemExit(0)``, fails. Refuses (``SandboxUnavailable``)
+    before generating anything when no working ``bwrap`` is installed.
+    """
+    require_sandbox()
     problems = read_humaneval(path, limit)
     passed, samples = [], []
     bar = _progress(len(problems), name, lm.progress)
@@ -234,7 +240,8 @@ def evaluate_humaneval(lm: EvalLM, path: str | os.PathLike, *, limit: int | None
         res = run_python(humaneval_program(p, completion), timeout=timeout)
         passed.append(float(res.passed))
         if return_samples:
-            samples.append({"task_id": p["task_id"], "completion": completion, "status": res.status})
+            samples.append({"task_id": p["task_id"], "completion": completion, "status": res.status,
+                            **({"output_truncated": True} if res.truncated else {})})
         bar.update(1)
     bar.close()
     extra = {"samples": samples} if return_samples else {}

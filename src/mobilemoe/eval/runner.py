@@ -14,6 +14,7 @@ from mobilemoe.eval.lm import EvalLM, _progress
 from mobilemoe.eval.mmlu import evaluate_mmlu
 from mobilemoe.eval.multiple_choice import TaskResult, evaluate_lambada, evaluate_mc
 from mobilemoe.eval.perplexity import perplexity_file
+from mobilemoe.eval.sandbox import require_sandbox
 from mobilemoe.eval.tasks import default_data_dir, get_task, read_items, task_path
 
 
@@ -44,13 +45,15 @@ def parse_tasks(text: str | Sequence[str]) -> list[str]:
 
 
 def check_data(names: Sequence[str], data_dir: str | os.PathLike | None = None) -> None:
-    """Fail fast (before loading a model) when a task's data file is missing."""
+    """Fail fast (before loading a model) when a task's data file is missing, or HumanEval has no sandbox."""
     for name in names:
         if name.startswith(PPL_PREFIX):
             if not Path(name[len(PPL_PREFIX):]).is_file():
                 raise DataError(f"{name[len(PPL_PREFIX):]}: no such file (task {name!r})")
         else:
             task_path(get_task(name), data_dir)
+            if get_task(name).kind == "humaneval":
+                require_sandbox()  # never run model-written code unconfined
 
 
 def _perplexity_result(lm: EvalLM, name: str, path: str | os.PathLike, opt: EvalOptions) -> TaskResult:

@@ -7,7 +7,9 @@ products in fp32 -- llama.cpp's Q4_0 x Q8_0 scheme. Results equal the dequantize
 references of :mod:`mobilemoe.kernels.reference` up to that activation rounding.
 
 ISA: picked at run time (best the CPU supports); forced by ``MOBILEMOE_KERNEL_ISA=avx512|avx2|portable``
-(read on every call) or :func:`set_isa` (takes precedence). Threads: ``torch.set_num_threads``;
+(read on every call) or :func:`set_isa` (takes precedence). That one decision governs every native
+kernel: these matmuls and also ``NativeModel``'s decode attention, router and BF16 prefill attention
+(re-read at each forward; ``NativeModel.kernel_paths()`` names the paths the last forward took). Threads: ``torch.set_num_threads``;
 runner: the kernels' job pool, or ``MOBILEMOE_KERNEL_THREADING=omp`` for at::parallel_for (README.md).
 
 If the extension is not built, constructing packed weights still works, but calling a kernel raises
@@ -65,7 +67,8 @@ def active_isa() -> str:
 
 
 def set_isa(isa: str | None) -> None:
-    """Force 'avx512' | 'avx2' | 'portable'; None/'auto' returns to env var / auto-detection."""
+    """Force 'avx512' | 'avx2' | 'portable' for every kernel (matmuls, NativeModel's attention and
+    router); None/'auto' returns to env var / auto-detection."""
     _lib().set_isa("" if isa is None else isa)
 
 

@@ -174,7 +174,7 @@ class RemoeTrainer:
             return False
         state, _ = load_delta(done[-1] / DELTA_FILE)
         self.adapter.load_router_state(state)
-        extra = torch.load(done[-1] / "state.pt", weights_only=False)
+        extra = torch.load(done[-1] / "state.pt", weights_only=True)  # tensors and plain values only: no pickled code
         self.opt.load_state_dict(extra["optimizer"])
         self.source.load_state_dict(extra["data"])
         self.step = int(extra["step"])

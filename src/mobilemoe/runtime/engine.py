@@ -99,6 +99,9 @@ class Engine:
         cfg = MobileMoEConfig.from_json(path / "config.json") if path.is_dir() else None
         if cfg is None:
             raise CheckpointError(f"{path}: not a checkpoint directory")
+        if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
+                                        or max_seq_len < 1):
+            raise MobileMoEError(f"max_seq_len: expected a positive number of tokens, got {max_seq_len!r}")
         max_seq_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         impl = _make_backend(path, cfg, max_seq_len, backend, offload)
         return cls(impl, _load_tokenizer(path))
@@ -137,6 +140,11 @@ class Engine:
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise MobileMoEError("this checkpoint has no tokenizer.json: pass token ids instead of text")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # lone surrogates: how Python carries undecodable input bytes
+            raise MobileMoEError(f"prompt text: not valid Unicode at character {exc.start} (a lone surrogate; "
+                                 "was the input valid UTF-8?)") from None
         return self.tokenizer.encode(text)
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int = 64,

@@ -151,7 +151,8 @@ class NativeBackend:
         store_index: dict | None = None
         if offload is not None:
             self.capacity = off.resolve_capacity(cfg, offload, max_seq_len)
-            self.store_dir, store_index = off.ensure_store(path, cfg, offload.store_dir)
+            store = off.open_store(path, cfg, offload.store_dir)
+            self.store_dir, store_index = store.dir, store.index
         specs = spec_map(cfg)
 
         def q(name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,7 +200,10 @@ class NativeBackend:
                                  linear(*attn[:3]), linear(attn[3]), cfg.uses_rope(i), cfg.is_moe_layer(i),
                                  router, bias, gu_codes, gu_scales, dn_codes, dn_scales, ffn_gu, ffn_dn, width)
         if store_index is not None:
-            self.model.open_expert_store(str(self.store_dir / off.STORE_FILE), offload.drop_page_cache)
+            try:  # the very file whose records open_store verified
+                self.model.open_expert_store(store.native_path(), offload.drop_page_cache)
+            finally:
+                store.close()
             for i in range(cfg.num_hidden_layers):
                 if cfg.is_moe_layer(i):
                     self.model.offload_layer(i, off.record_offsets(store_index, i))

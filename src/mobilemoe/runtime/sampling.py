@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from mobilemoe.errors import MobileMoEError
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes a uint64
 
 
 @dataclass
@@ -17,12 +20,16 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise MobileMoEError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise MobileMoEError(f"top_k must be >= 0, got {self.top_k}")
+        # NaN passes every comparison and inf makes the distribution uniform: both refused by name
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise MobileMoEError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise MobileMoEError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise MobileMoEError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise MobileMoEError(f"seed must be an integer in [0, 2**64 - 1] (what torch's generator takes), "
+                                 f"got {self.seed!r}")
 
 
 class Sampler:

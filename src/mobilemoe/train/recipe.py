@@ -18,11 +18,16 @@ A recipe names a model, its data, and one or more stages (``pretrain``, ``midtra
 Every mapping is checked against its dataclass: an unknown field or a value of the wrong type is a
 :class:`RecipeError` that names the field by its path (``stages[1].lr``). Stage fields are the
 :class:`~mobilemoe.train.trainer.TrainConfig` fields plus the stage-only ones of :class:`StageSpec`.
+Numbers must be finite (``.nan``/``.inf`` are refused), integers integral, booleans true/false, and
+``model.overrides`` may only name :class:`~mobilemoe.config.MobileMoEConfig` fields; a preset model's
+config is built at load time, so a bad override or a ``seq_len`` past its context is caught before
+any training starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -175,6 +180,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"field '{where}': expected a number, got {value!r}")
+        if not math.isfinite(value):  # .nan / .inf would train silently into NaN weights
+            raise RecipeError(f"field '{where}': expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -208,6 +215,7 @@ def _check(recipe: Recipe) -> None:
         raise RecipeError("field 'model': give exactly one of 'model.preset' or 'model.config'")
     if not recipe.stages:
         raise RecipeError("field 'stages': a recipe needs at least one stage")
+    context = _check_model(m)
     seen = set()
     for i, s in enumerate(recipe.stages):
         at = f"stages[{i}]"
@@ -235,6 +243,11 @@ def _check(recipe: Recipe) -> None:
         for name in ("seq_len", "micro_batch_size"):
             if getattr(s, name) < 1:
                 raise RecipeError(f"field '{at}.{name}': expected a positive integer, got {getattr(s, name)!r}")
+        if context is not None and s.seq_len > context:
+            raise RecipeError(f"field '{at}.seq_len': {s.seq_len} is longer than the model's context "
+                              f"(max_position_embeddings {context})")
+        if isinstance(s.tokens, int) and s.tokens < 1:
+            raise RecipeError(f"field '{at}.tokens': expected a positive integer budget, got {s.tokens!r}")
         try:
             s.train_config(s.max_steps or 1).validate()
         except MobileMoEError as exc:
@@ -246,6 +259,25 @@ def _check(recipe: Recipe) -> None:
             raise RecipeError(f"field '{where}.format': expected one of {DATA_FORMATS}, got {d.format!r}")
         if not 0.0 <= d.val_fraction < 1.0:
             raise RecipeError(f"field '{where}.val_fraction': expected a number in [0, 1), got {d.val_fraction!r}")
+
+
+def _check_model(m: ModelSpec) -> int | None:
+    """Check ``model.overrides`` names real config fields; for a preset, build the config (bad
+    values fail here, naming the field) and return its context length (None for a config path,
+    which is checked when the run loads it)."""
+    from mobilemoe.config import MobileMoEConfig, preset
+
+    known = {f.name for f in dataclasses.fields(MobileMoEConfig)} - {"extra"}
+    for key in m.overrides:
+        if key not in known:  # MobileMoEConfig keeps unknown keys as HF extras: a typo would be ignored
+            raise RecipeError(f"unknown field 'model.overrides.{key}' (not a MobileMoEConfig field; "
+                              f"known: {', '.join(sorted(known))})")
+    if m.preset is None:
+        return None
+    try:
+        return preset(m.preset, **m.overrides).max_position_embeddings
+    except MobileMoEError as exc:
+        raise RecipeError(f"field 'model': {exc}") from None
 
 
 def recipe_from_dict(data: Any, source: str = "") -> Recipe:

@@ -11,10 +11,17 @@ Output layout (``OUT``)::
 
 A stage starts from ``--init`` (if given, for the first stage run), else from the previous stage's
 ``final/`` in the recipe, else (first stage) from a fresh random initialisation.
+
+Nothing is lost silently: ``OUT`` is locked while the run writes it (a second ``train`` into the same
+``OUT`` is refused naming the holder's pid); a stage whose directory already holds output is refused
+unless ``resume`` (continue it; a finished stage is skipped) or ``force`` (delete the selected stages'
+directories, and for a whole-chain run the trained tokenizer, then start over). A stage resumed
+without any checkpoint yet starts over from an empty directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import shutil
@@ -29,7 +36,8 @@ from mobilemoe.errors import MobileMoEError
 from mobilemoe.train.data import ByteTokenizer, TokenWindowSource, pack_documents
 from mobilemoe.train.distributed import DistInfo, barrier, init_distributed
 from mobilemoe.train.recipe import DataSpec, Recipe, RecipeError, StageSpec
-from mobilemoe.train.trainer import FINAL_DIR, Trainer
+from mobilemoe.train.trainer import FINAL_DIR, Trainer, find_checkpoints
+from mobilemoe.utils import output_lock
 
 
 @dataclass
@@ -213,16 +221,39 @@ def _apply_qat(model, stage: StageSpec):
 
 # ---------------------------------------------------------------------- the chain
 def run_recipe(recipe: Recipe, out_dir: str | Path, stage: str | None = None, init: str | Path | None = None,
-               resume: bool = False, max_steps: int | None = None, progress: bool = True) -> list[StageReport]:
+               resume: bool = False, max_steps: int | None = None, progress: bool = True,
+               force: bool = False) -> list[StageReport]:
     """Run all stages of ``recipe`` (or only ``stage``) into ``out_dir``; see the module docstring."""
-    from mobilemoe.checkpoint import load_model
-
+    if resume and force:
+        raise MobileMoEError("give at most one of --resume (continue) and --force (start over)")
     out = Path(out_dir)
     info = init_distributed()
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    names = [s.name for s in recipe.stages]
     selected = recipe.stages if stage is None else [recipe.stage(stage)]
+    # rank 0 holds the lock for the whole run (a second writer is refused before it looks at OUT)
+    with output_lock(out, "train") if info.is_main else contextlib.nullcontext():
+        barrier()
+        used = [out / s.name for s in selected if _has_output(out / s.name)]
+        if used and not resume and not force:
+            raise MobileMoEError(f"{used[0]} already holds a training run; pass --resume to continue it "
+                                 "or --force to delete it and start over")
+        if force and info.is_main:
+            for sdir in used:
+                shutil.rmtree(sdir)
+            if stage is None:  # the whole chain starts over: retrain the tokenizer too
+                (out / "tokenizer.json").unlink(missing_ok=True)
+        barrier()
+        return _run_stages(recipe, out, info, selected, init, resume, max_steps, progress)
+
+
+def _has_output(sdir: Path) -> bool:
+    return sdir.is_dir() and any(sdir.iterdir())
+
+
+def _run_stages(recipe: Recipe, out: Path, info: DistInfo, selected: list[StageSpec], init: str | Path | None,
+                resume: bool, max_steps: int | None, progress: bool) -> list[StageReport]:
+    from mobilemoe.checkpoint import load_model
+
+    names = [s.name for s in recipe.stages]
     base_vocab = build_model_config_vocab(recipe)
     tokenizer = None
     if info.is_main:
@@ -259,6 +290,10 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, stage: str | None = None, in
         if getattr(tokenizer, "vocab_size", 0) > model.config.vocab_size:
             raise RecipeError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
                               f"{model.config.vocab_size}")
+        context = model.config.max_position_embeddings
+        if s.seq_len > context:
+            raise RecipeError(f"field 'stages[{names.index(s.name)}].seq_len': {s.seq_len} is longer than the "
+                              f"model's context (max_position_embeddings {context} in {prev or 'model'})")
         if s.name == "qat":
             model = _apply_qat(model, s)
         seed = recipe.seed + s.seed
@@ -268,7 +303,10 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, stage: str | None = None, in
         cfg = s.train_config(steps)
         cfg.seed, cfg.progress = seed, progress and cfg.progress
         cfg.strategy = (s.strategy if s.strategy != "none" else recipe.strategy) if info.enabled else "none"
-        resume_stage = resume and (sdir / "latest").exists()
+        resume_stage = resume and bool(find_checkpoints(sdir))
+        if not resume_stage and info.is_main and sdir.exists():
+            shutil.rmtree(sdir)  # output of a run killed before its first checkpoint: start clean
+        barrier()
         trainer = Trainer(model, cfg, train_src, val_src, out_dir=sdir, dist_info=info,
                           extra_state={"recipe": recipe.name, "stage": s.name, "init": str(prev) if prev else None})
         t0 = time.perf_counter()
@@ -276,8 +314,10 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, stage: str | None = None, in
         report = StageReport(s.name, str(sdir), str(result.final_dir) if result.final_dir else None, result.step,
                              init=str(prev) if prev else None, nan_skips=result.nan_skips,
                              seconds=time.perf_counter() - t0)
+        done = [h for h in result.history if not h.get("skipped")]  # a skipped step's loss is NaN
+        if done:
+            report.loss_first, report.loss_last = done[0]["loss"], done[-1]["loss"]
         if result.history:
-            report.loss_first, report.loss_last = result.history[0]["loss"], result.history[-1]["loss"]
             report.tokens = sum(h["tokens"] for h in result.history)
         if result.evals:
             report.val_loss = result.evals[-1]["val_loss"]

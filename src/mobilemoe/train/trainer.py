@@ -8,13 +8,21 @@ Per optimizer step:
    ``CE + z_loss_coef * router_z_loss + lb_loss_coef * switch_loss``;
 3. a NaN/inf loss or gradient skips the step (no update), counts it, and stops with a
    :class:`MobileMoEError` after ``max_nan_skips`` skips;
-4. clip gradients, set the LR from the schedule, ``AdamW.step()``;
+4. clip gradients, set the LR from the schedule, ``AdamW.step()``; weights that come out NaN/inf
+   are put back (parameters and optimizer state, from a copy taken before the step) and the step
+   is skipped and counted the same way;
 5. aux-loss-free balancing: nudge every MoE layer's ``expert_bias`` from the step's expert counts;
 6. every ``eval_every`` steps validation loss/perplexity; every ``checkpoint_every`` steps an
    atomic checkpoint (model + optimizer + data-loader state + RNG states + NaN-skip count).
 
-``fit(resume=True)`` reloads the newest checkpoint in ``out_dir`` and continues exactly: the same
-seed gives the same losses as an uninterrupted run.
+``fit(resume=True)`` reloads the newest readable checkpoint in ``out_dir`` (a damaged one is skipped
+with a warning) and continues exactly: the same seed gives the same losses as an uninterrupted run.
+``train_state.pt`` holds only tensors and plain Python values and is loaded with ``weights_only=True``.
+A save that fails (a full disk) removes its temp directory and raises one :class:`TrainingError`
+naming the directory; temp directories left by a kill are removed when the next ``fit`` starts.
+
+``metrics.jsonl`` is strict JSON, one record per line: a non-finite value (the loss of a skipped
+step) is written as ``null``.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +51,7 @@ from mobilemoe.train.balance import AuxFreeBalancer, count_spread, load_balancin
 from mobilemoe.train.data import IGNORE_INDEX, BatchSource
 from mobilemoe.train.distributed import DistInfo, all_reduce_sum, barrier, current, wrap_model
 from mobilemoe.train.schedule import SCHEDULES, lr_at
-from mobilemoe.utils import atomic_path, atomic_write_text
+from mobilemoe.utils import atomic_path, atomic_write_text, make_temp_dir
 
 STATE_FILE = "train_state.pt"
 LATEST_FILE = "latest"
@@ -88,17 +97,50 @@ class TrainConfig:
     save_dtype: str | None = None  # cast of the final model file (None keeps fp32)
 
     def validate(self) -> None:
+        """Raise :class:`MobileMoEError` naming the first bad field (types, finiteness, bounds)."""
+        from mobilemoe.train.distributed import STRATEGIES
+
         if self.schedule not in SCHEDULES:
             raise MobileMoEError(f"field 'schedule': expected one of {SCHEDULES}, got {self.schedule!r}")
         if self.dtype not in DTYPES:
             raise MobileMoEError(f"field 'dtype': expected one of {tuple(DTYPES)}, got {self.dtype!r}")
-        for name in ("max_steps", "grad_accum", "eval_steps", "log_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise MobileMoEError(f"field '{name}': expected a positive integer, got {getattr(self, name)!r}")
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "bias_update_rate", "z_loss_coef",
-                     "lb_loss_coef", "warmup_steps", "eval_every", "checkpoint_every", "max_nan_skips"):
-            if getattr(self, name) < 0:
-                raise MobileMoEError(f"field '{name}': expected >= 0, got {getattr(self, name)!r}")
+        if self.strategy not in STRATEGIES:
+            raise MobileMoEError(f"field 'strategy': expected one of {STRATEGIES}, got {self.strategy!r}")
+        if self.save_dtype not in (None, *DTYPES):
+            raise MobileMoEError(f"field 'save_dtype': expected one of {tuple(DTYPES)}, got {self.save_dtype!r}")
+        for name in ("progress", "tensorboard"):
+            if not isinstance(getattr(self, name), bool):
+                raise MobileMoEError(f"field '{name}': expected true/false, got {getattr(self, name)!r}")
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise MobileMoEError(f"field '{name}': expected an integer, got {value!r}")
+            if name != "seed" and value < (1 if name in _POSITIVE_INTS else 0):
+                bound = "a positive integer" if name in _POSITIVE_INTS else "an integer >= 0"
+                raise MobileMoEError(f"field '{name}': expected {bound}, got {value!r}")
+        betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else ()
+        if len(betas) != 2:
+            raise MobileMoEError(f"field 'betas': expected two numbers, got {self.betas!r}")
+        floats = {name: getattr(self, name) for name in _FLOAT_FIELDS} | {"betas[0]": betas[0], "betas[1]": betas[1]}
+        for name, value in floats.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise MobileMoEError(f"field '{name}': expected a finite number, got {value!r}")
+            if name == "eps" and value <= 0:  # AdamW divides by sqrt(v) + eps
+                raise MobileMoEError(f"field 'eps': expected a number > 0, got {value!r}")
+            if value < 0:
+                raise MobileMoEError(f"field '{name}': expected >= 0, got {value!r}")
+        for i, beta in enumerate(betas):
+            if beta >= 1:
+                raise MobileMoEError(f"field 'betas[{i}]': expected a number in [0, 1), got {beta!r}")
+        if self.decay_fraction > 1:
+            raise MobileMoEError(f"field 'decay_fraction': expected a number in [0, 1], got {self.decay_fraction!r}")
+
+
+_INT_FIELDS = ("max_steps", "grad_accum", "warmup_steps", "eval_every", "eval_steps", "checkpoint_every",
+               "keep_checkpoints", "log_every", "max_nan_skips", "seed")
+_POSITIVE_INTS = ("max_steps", "grad_accum", "eval_steps", "log_every", "keep_checkpoints")
+_FLOAT_FIELDS = ("lr", "min_lr", "decay_fraction", "weight_decay", "eps", "grad_clip", "bias_update_rate",
+                 "z_loss_coef", "lb_loss_coef")
 
 
 @dataclass
@@ -131,18 +173,61 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """RNG states as tensors and plain values (what ``torch.load(weights_only=True)`` accepts)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def find_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
+    """The checkpoints in ``out_dir/checkpoints``, newest first. A ``step-N`` directory only appears
+    (by rename) once fully written; temp directories are never listed."""
+    found = []
+    for path in (Path(out_dir) / CHECKPOINT_DIR).glob("step-*"):
+        suffix = path.name[len("step-"):]
+        if suffix.isdigit() and (path / STATE_FILE).is_file():
+            found.append((int(suffix), path))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def _read_checkpoint(ckpt: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(train_state, model tensors)`` of one checkpoint; any damage raises."""
+    from mobilemoe.checkpoint import load_tensors
+
+    state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+    needed = ("step", "nan_skips", "optimizer", "data", "rng", "world_size")
+    if not isinstance(state, dict) or any(k not in state for k in needed):
+        raise ValueError(f"{STATE_FILE} lacks some of {needed}")
+    _, tensors = load_tensors(ckpt)
+    return state, tensors
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _write_error(directory: Path, exc: OSError) -> TrainingError:
+    return TrainingError(f"{directory}: cannot write the checkpoint: {exc.strerror or exc}; free some space "
+                         "(or fix the permissions) and rerun with --resume")
+
+
+def _json_safe(record: dict[str, Any]) -> dict[str, Any]:
+    """NaN/inf are not JSON: they are written as null."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 class Trainer:
@@ -168,15 +253,22 @@ class Trainer:
         self.step = 0  # optimizer steps done (skipped NaN steps count too)
         self.nan_skips = 0
         self._tb = None
+        self._backup: list[torch.Tensor] | None = None  # pre-step copy of weights + optimizer state
 
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False, stop_after: int | None = None) -> TrainResult:
         """Run until ``cfg.max_steps`` (or ``stop_after`` steps, to simulate an interruption)."""
         cfg = self.cfg
+        if self.out_dir is not None and self.dist.is_main:
+            self._remove_temp_dirs()
         if resume:
             self.load_latest()
+        elif self.step == 0 and self.out_dir is not None and find_checkpoints(self.out_dir):
+            # a fresh run would mix its checkpoints with an older run's (and resume from the wrong one)
+            raise TrainingError(f"{self.out_dir} already holds checkpoints of another run: resume it, "
+                                "or train into an empty directory")
         result = TrainResult(step=self.step, nan_skips=self.nan_skips)
-        log = self._open_log()
+        log = self._open_log(append=resume or self.step > 0)
         bar = self._progress()
         tokens_seen_t0, t0 = 0, time.perf_counter()
         try:
@@ -260,24 +352,85 @@ class Trainer:
                                   "tokens": int(stats[3].item())}
         if not (math.isfinite(ce) and math.isfinite(z_mean) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            self.balancer.reset()
-            self.nan_skips += 1
-            self.step += 1
-            record.update(skipped=True, nan_skips=self.nan_skips)
-            if self.nan_skips > cfg.max_nan_skips:
-                raise TrainingError(f"loss or gradient was NaN/inf at step {self.step}; {self.nan_skips} steps "
-                                    f"skipped, more than max_nan_skips={cfg.max_nan_skips}. Lower the learning "
-                                    "rate, check the data, or resume from an earlier checkpoint")
-            return record
+            return self._skip(record, "loss or gradient was NaN/inf")
 
-        # 4. update, then 5. aux-loss-free bias balancing from this step's expert counts
-        self.optimizer.step()
+        # 4. update (undone if it leaves NaN/inf weights), then 5. aux-loss-free bias balancing
+        had_state = self._backup_weights()
+        try:
+            self.optimizer.step()
+            finite = self._weights_finite()
+        except RuntimeError as exc:  # AdamW's step size overflowed float32 (an enormous finite lr)
+            if "overflow" not in str(exc):
+                raise
+            finite = False
         self.optimizer.zero_grad(set_to_none=True)
+        if not finite:
+            self._restore_weights(had_state)
+            return self._skip(record, "weights became NaN/inf after the optimizer step")
         counts = self.balancer.step()
         if counts.numel():
             record["expert_count_spread"] = count_spread(counts)
         self.step += 1
         return record
+
+    def _skip(self, record: dict[str, Any], what: str) -> dict[str, Any]:
+        """Count a step that made no update; stop once there were more than ``max_nan_skips``."""
+        self.balancer.reset()
+        self.nan_skips += 1
+        self.step += 1
+        record.update(skipped=True, skip_reason=what, nan_skips=self.nan_skips)
+        if self.nan_skips > self.cfg.max_nan_skips:
+            raise TrainingError(f"{what} at step {self.step}; {self.nan_skips} steps skipped, more than "
+                                f"max_nan_skips={self.cfg.max_nan_skips}. Lower the learning rate, check the "
+                                "data, or resume from an earlier checkpoint")
+        return record
+
+    def _trained_tensors(self) -> tuple[list[torch.Tensor], list[bool]]:
+        """Every optimized parameter followed by its optimizer-state tensors, and per parameter
+        whether it has optimizer state yet (AdamW creates it on the first step)."""
+        tensors, had_state = [], []
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                state = self.optimizer.state.get(p) or {}
+                tensors.append(p)
+                tensors.extend(v for v in state.values() if torch.is_tensor(v))
+                had_state.append(bool(state))
+        return tensors, had_state
+
+    @torch.no_grad()
+    def _backup_weights(self) -> list[bool]:
+        """Copy weights and optimizer state into reused buffers, so a bad step can be undone exactly."""
+        tensors, had_state = self._trained_tensors()
+        if self._backup is None or [b.shape for b in self._backup] != [t.shape for t in tensors]:
+            self._backup = [torch.empty_like(t) for t in tensors]
+        for b, t in zip(self._backup, tensors):
+            b.copy_(t)
+        return had_state
+
+    @torch.no_grad()
+    def _restore_weights(self, had_state: list[bool]) -> None:
+        backup = iter(self._backup)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        for p, had in zip(params, had_state):
+            p.copy_(next(backup))
+            if not had:  # the step created this state: drop it, as if the step never ran
+                self.optimizer.state.pop(p, None)
+                continue
+            for v in self.optimizer.state[p].values():
+                if torch.is_tensor(v):
+                    v.copy_(next(backup))
+
+    def _weights_finite(self) -> bool:
+        """All optimized weights finite, on every rank (FSDP2: each rank checks its shards)."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if not params:
+            return True
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+        # one fused norm per tensor (what clip_grad_norm_ uses) is far cheaper than isfinite().all();
+        # a norm is NaN/inf exactly when an entry is (or when the weights are ~1e19: broken anyway)
+        norms = torch.stack(torch._foreach_norm(local))
+        bad = (~torch.isfinite(norms)).sum().float().reshape(1)
+        return all_reduce_sum(bad).item() == 0
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
@@ -329,21 +482,29 @@ class Trainer:
             dist.all_gather_object(per_rank, mine)
         else:
             per_rank[0] = mine
-        final = self.out_dir / CHECKPOINT_DIR / f"step-{self.step:07d}"
+        root = self.out_dir / CHECKPOINT_DIR
+        final = root / f"step-{self.step:07d}"
         if self.dist.is_main:
-            tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            save_tensors(model_state, self.raw_model.config, tmp)
             state = {"step": self.step, "nan_skips": self.nan_skips, "optimizer": optim_state,
                      "data": [r["data"] for r in per_rank], "rng": [r["rng"] for r in per_rank],
                      "world_size": self.dist.world_size,
                      "config": dataclasses.asdict(self.cfg), "extra": self.extra_state}
-            with atomic_path(tmp / STATE_FILE) as t:
-                torch.save(state, t)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            atomic_write_text(self.out_dir / LATEST_FILE, f"{CHECKPOINT_DIR}/{final.name}\n")
+            tmp = None
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                tmp = make_temp_dir(root, f".tmp-{final.name}-")
+                save_tensors(model_state, self.raw_model.config, tmp)
+                with atomic_path(tmp / STATE_FILE) as t:
+                    torch.save(state, t)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                atomic_write_text(self.out_dir / LATEST_FILE, f"{CHECKPOINT_DIR}/{final.name}\n")
+            except OSError as exc:  # a full disk: one clear error, and no half-written temp dir left behind
+                raise _write_error(root, exc) from None
+            finally:
+                if tmp is not None and tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
             self._prune_checkpoints()
         barrier()
         return final
@@ -367,36 +528,52 @@ class Trainer:
                 routers = {k for k in state if k.endswith("router.weight")}
                 state = {k: v if k in routers or not v.is_floating_point() else v.to(dtype) for k, v in state.items()}
                 cfg = cfg.replace(torch_dtype=self.cfg.save_dtype)
-            save_tensors(state, cfg, final)
-            atomic_write_text(final / "train_summary.json",
-                              json.dumps({"step": self.step, "nan_skips": self.nan_skips, **self.extra_state},
-                                         indent=2, default=str) + "\n")
+            summary = json.dumps({"step": self.step, "nan_skips": self.nan_skips, **self.extra_state},
+                                 indent=2, default=str) + "\n"
+            tmp = None
+            try:  # written beside, then renamed: final/ is either the old model or the whole new one
+                tmp = make_temp_dir(self.out_dir, f".tmp-{FINAL_DIR}-")
+                save_tensors(state, cfg, tmp)
+                atomic_write_text(tmp / "train_summary.json", summary)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+            except OSError as exc:
+                raise _write_error(self.out_dir, exc) from None
+            finally:
+                if tmp is not None and tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
         barrier()
         return final
 
     def latest_checkpoint(self) -> Path | None:
-        if self.out_dir is None:
-            return None
-        pointer = self.out_dir / LATEST_FILE
-        if not pointer.exists():
-            return None
-        path = self.out_dir / pointer.read_text().strip()
-        return path if (path / STATE_FILE).exists() else None
+        """The newest complete checkpoint (not necessarily readable: see :meth:`load_latest`)."""
+        found = find_checkpoints(self.out_dir) if self.out_dir is not None else []
+        return found[0] if found else None
 
     def load_latest(self) -> bool:
-        """Restore model, optimizer, data position, RNG and counters from the newest checkpoint."""
-        from mobilemoe.checkpoint import load_tensors
-
-        ckpt = self.latest_checkpoint()
-        if ckpt is None:
+        """Restore model, optimizer, data position, RNG and counters from the newest readable
+        checkpoint; a damaged one (truncated file, bad pickle) is skipped with a warning."""
+        found = find_checkpoints(self.out_dir) if self.out_dir is not None else []
+        if not found:
             where = self.out_dir if self.out_dir is not None else "(no output directory)"
-            raise TrainingError(f"--resume: no checkpoint found in {where} (expected a '{LATEST_FILE}' file "
-                                f"pointing at {CHECKPOINT_DIR}/step-*/{STATE_FILE})")
-        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+            raise TrainingError(f"--resume: no checkpoint found in {where} (expected "
+                                f"{CHECKPOINT_DIR}/step-*/{STATE_FILE})")
+        for ckpt in found:
+            try:
+                state, tensors = _read_checkpoint(ckpt)
+                break
+            except Exception as exc:  # any failure to read is damage: fall back to the one before
+                if self.dist.is_main:
+                    reason = (str(exc).strip().splitlines() or [""])[0][:200]
+                    _warn(f"{ckpt}: cannot read the checkpoint ({type(exc).__name__}: {reason}); "
+                          "falling back to the one before it")
+        else:
+            raise TrainingError(f"--resume: none of the {len(found)} checkpoints in {self.out_dir / CHECKPOINT_DIR} "
+                                "could be read (see the warnings); rerun without --resume (--force) to start over")
         if state.get("world_size", 1) != self.dist.world_size:
             raise TrainingError(f"{ckpt}: saved with {state.get('world_size')} processes, resuming with "
                                 f"{self.dist.world_size}; exact resume needs the same world size")
-        _, tensors = load_tensors(ckpt)
         if self.dist.enabled and self.cfg.strategy == "fsdp":
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                                  set_optimizer_state_dict)
@@ -458,7 +635,15 @@ class Trainer:
             self.model.set_requires_gradient_sync(not skip)
         return contextlib.nullcontext()
 
-    def _open_log(self):
+    def _remove_temp_dirs(self) -> None:
+        """Temp directories of saves that a kill or a full disk interrupted."""
+        for pattern in (f"{CHECKPOINT_DIR}/.tmp-*", f".tmp-{FINAL_DIR}-*"):
+            for tmp in self.out_dir.glob(pattern):
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _open_log(self, append: bool):
+        """The metrics file: appended to when continuing a run, started afresh otherwise (a fresh
+        run must not inherit the records of an earlier one)."""
         if self.out_dir is None or not self.dist.is_main:
             return None
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -469,11 +654,11 @@ class Trainer:
                 self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
             except ImportError:  # tensorboard not installed: JSONL only
                 self._tb = None
-        return open(self.out_dir / METRICS_FILE, "a", encoding="utf-8")
+        return open(self.out_dir / METRICS_FILE, "a" if append else "w", encoding="utf-8")
 
     def _log(self, fh, record: dict[str, Any]) -> None:
         if fh is not None:
-            fh.write(json.dumps({**record, "time": time.time()}) + "\n")
+            fh.write(json.dumps({**_json_safe(record), "time": time.time()}, allow_nan=False) + "\n")
             fh.flush()
         if self._tb is not None:
             for key, value in record.items():

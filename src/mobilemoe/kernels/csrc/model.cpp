@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "flash_attn.h"
+#include "isa_select.h"
 #include "ops_api.h"
 #include "vec_math.h"
 
@@ -216,11 +217,12 @@ AttendFn attend_avx512_for(int64_t G, int64_t D) {
 }
 #endif
 
-// The AVX-512 versions of this file's kernels run unless MOBILEMOE_KERNEL_ISA forces another path.
+// The AVX-512 versions of this file's kernels run exactly when the matmuls do (ops.cpp's ISA
+// decision: set_isa > MOBILEMOE_KERNEL_ISA > best, which implies avx512f and fma); AVX2 and
+// portable use the portable attention and router.
 bool use_avx512() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  const char* forced = std::getenv("MOBILEMOE_KERNEL_ISA");
-  return (!forced || std::string(forced) == "avx512") && __builtin_cpu_supports("avx512f");
+  return mobilemoe_api::current_isa() == mobilemoe_api::Isa::avx512;
 #else
   return false;
 #endif
@@ -381,11 +383,29 @@ class NativeModel {
         max_len(max_len), cos_(cos.contiguous()), sin_(sin.contiguous()), embed_q(embed_q.contiguous()),
         embed_s(embed_s.contiguous()), head(head), final_norm(final_norm.contiguous()) {
     TORCH_CHECK(cos_.size(0) >= max_len && cos_.size(1) == D / 2, "rope tables must be [max_len, D/2]");
+    pick_paths();
+  }
+
+  // Pick this file's kernels from the current ISA decision. Called by every forward (an atomic
+  // load and a getenv), so set_isa() / MOBILEMOE_KERNEL_ISA after construction still govern them.
+  void pick_paths() {
+    const auto isa = mobilemoe_api::current_isa();
+    isa_name = isa == mobilemoe_api::Isa::avx512 ? "avx512" : isa == mobilemoe_api::Isa::avx2 ? "avx2" : "portable";
     attend = pick_attend(D, nH / nKV);
     // MOBILEMOE_PREFILL_ATTENTION=sdpa keeps ATen's fp32 SDPA (to compare speed and logits).
     const char* pa = std::getenv("MOBILEMOE_PREFILL_ATTENTION");
     prefill_bf16 = prefill_bf16_available(D) && !(pa && std::string(pa) == "sdpa");
     router_rows = pick_router();
+  }
+
+  // The kernels the last forward used (or the next one would, before any): for tests and reports.
+  std::map<std::string, std::string> kernel_paths() const {
+    const bool attend_portable = attend == attend_group_portable;
+    const bool router_portable = router_rows == router_rows_portable;
+    return {{"isa", isa_name},
+            {"attention", attend_portable ? "portable" : "avx512"},
+            {"router", router_portable ? "portable" : "avx512"},
+            {"prefill_attention", prefill_bf16 ? "avx512bf16" : "sdpa"}};
   }
 
   void add_layer(at::Tensor in_norm, at::Tensor post_norm, at::Tensor qkv, at::Tensor o, bool rope, bool moe,
@@ -412,6 +432,7 @@ class NativeModel {
     const int64_t T = ids.size(0);
     TORCH_CHECK(start >= 0 && start + T <= max_len, "positions [", start, ", ", start + T, ") exceed the KV cache (",
                 max_len, ")");
+    pick_paths();
     prof.start();
     at::Tensor x = embed(ids);
     at::Tensor h = at::empty({T, H}, x.options());
@@ -778,6 +799,7 @@ class NativeModel {
   AttendFn attend;
   bool prefill_bf16 = false;  // prefill attention on the AVX-512 BF16 kernel (else ATen SDPA)
   RouterFn router_rows;
+  std::string isa_name;  // the ISA decision pick_paths() last saw
   int store_fd = -1;
   bool drop_cache = false;
   OffloadStats ostats;
@@ -831,6 +853,7 @@ void register_native_model(pybind11::module_& m) {
       .def("add_layer", &NativeModel::add_layer)
       .def("forward", &NativeModel::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("num_layers", &NativeModel::num_layers)
+      .def("kernel_paths", &NativeModel::kernel_paths)
       .def("set_profiling", &NativeModel::set_profiling)
       .def("profile", &NativeModel::profile)
       .def("open_expert_store", &NativeModel::open_expert_store)

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "mm_common.h"
+#include "isa_select.h"
 #include "ops_api.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -49,7 +50,7 @@ bool cpu_supports(const std::string& isa) {
   if (isa == "avx512")
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
-           __builtin_cpu_supports("f16c");
+           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #endif
   return false;
 }
@@ -79,16 +80,19 @@ std::string requested_isa() {
   return "";
 }
 
-const mm_kernels* kernels() {
+// The one ISA decision of every kernel (ops.cpp's matmuls and model.cpp's attention/router, via
+// mobilemoe_api::current_isa): set_isa() > MOBILEMOE_KERNEL_ISA > best, validated on each call.
+std::string resolved_isa() {
   std::string isa = requested_isa();
   if (isa.empty()) isa = best_isa();
   TORCH_CHECK(known_isa(isa), "mobilemoe kernels: unknown ISA '", isa,
               "' (MOBILEMOE_KERNEL_ISA / set_isa accept avx512, avx2, portable, auto)");
-  const mm_kernels* k = table_for(isa);
-  TORCH_CHECK(k != nullptr && cpu_supports(isa), "mobilemoe kernels: ISA '", isa,
+  TORCH_CHECK(table_for(isa) != nullptr && cpu_supports(isa), "mobilemoe kernels: ISA '", isa,
               "' was forced but this CPU/build does not support it");
-  return k;
+  return isa;
 }
+
+const mm_kernels* kernels() { return table_for(resolved_isa()); }
 
 inline void cpu_relax() {
 #if MOBILEMOE_X86
@@ -709,6 +713,11 @@ void set_isa(const std::string& isa) {
 
 // Exported for model.cpp (see ops_api.h).
 namespace mobilemoe_api {
+Isa current_isa() {
+  const std::string isa = resolved_isa();
+  return isa == "avx512" ? Isa::avx512 : isa == "avx2" ? Isa::avx2 : Isa::portable;
+}
+
 at::Tensor swiglu(const at::Tensor& gu, int64_t W) {
   TORCH_CHECK(gu.dtype() == at::kFloat && gu.dim() == 2 && gu.size(1) == 2 * W && gu.is_contiguous(),
               "swiglu expects a contiguous float32 [M, 2W] tensor");
