@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from mobilemoe.cli import COMMAND_MODULES, build_parser, main
+from mobilemoe.config import preset
 
 
 def test_help_lists_every_command(capsys):
@@ -39,10 +40,12 @@ def test_info_table_and_list(capsys, tmp_path):
 
 def test_bad_config_is_one_clear_line(capsys, tmp_path):
     bad = tmp_path / "config.json"
-    bad.write_text(json.dumps({"model_type": "mobilemoe", "intermediate_size": 384, "intermediate_size_mlp": 1000}))
+    # tiny-moe's routed width is 64, so 1000 is no multiple of it
+    bad.write_text(json.dumps({**preset("tiny-moe").to_dict(), "intermediate_size_mlp": 1000}))
     assert main(["info", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert "intermediate_size_mlp" in err and "Traceback" not in err
+    assert "field 'intermediate_size_mlp': expected a multiple of intermediate_size (64), got 1000" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
     assert main(["info", "--preset", "nope"]) == 2
 
 

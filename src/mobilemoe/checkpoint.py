@@ -7,7 +7,11 @@ the released QAT checkpoints (``X.weight`` -> ``X.qweight`` + ``X.weight_scale``
 ``experts.gate_up_proj`` -> ``experts.gate_up_qweight`` + ``experts.gate_up_scale``; likewise down).
 
 Every file is written atomically (temp file + rename). Loading validates the whole file set first
-and reports every missing, unexpected or wrong-shaped tensor in one message.
+and reports every missing, unexpected, wrong-shaped or wrong-dtype tensor in one message, then
+refuses floating tensors holding NaN/inf (naming them) before any model is built from them.
+
+Dtypes (``shared/specs/mobilemoe-checkpoint.md``): packed INT4 codes are U8 and their scales F16;
+every other tensor is a float the model computes in (BF16, F16 or F32).
 """
 
 from __future__ import annotations
@@ -15,14 +19,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterable, Iterator, Mapping
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mobilemoe.config import MobileMoEConfig
+from mobilemoe.config import MobileMoEConfig, read_json_file
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.layout import QUANTIZED_ROLES, TensorSpec, tensor_specs
 from mobilemoe.utils import atomic_path, atomic_write_text
@@ -62,6 +66,31 @@ def expected_tensors(cfg: MobileMoEConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+CODE_DTYPES = (torch.uint8,)
+SCALE_DTYPES = (torch.float16,)
+# safetensors header dtype names -> torch (names torch lacks stay strings in messages)
+_ST_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+              "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+              "BOOL": torch.bool}
+
+
+def expected_dtypes(cfg: MobileMoEConfig) -> dict[str, tuple[torch.dtype, ...]]:
+    """Tensor name -> the dtypes a checkpoint of this config may store it in."""
+    out: dict[str, tuple[torch.dtype, ...]] = {}
+    for spec in tensor_specs(cfg):
+        if cfg.is_quantized and spec.role in QUANTIZED_ROLES:
+            qname, sname = quantized_names(spec)
+            out[qname], out[sname] = CODE_DTYPES, SCALE_DTYPES
+        else:
+            out[spec.name] = FLOAT_DTYPES
+    return out
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+
+
 # ---------------------------------------------------------------------- saving
 def _shard(names: list[str], tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
     shards: list[list[str]] = [[]]
@@ -79,7 +108,8 @@ def _shard(names: list[str], tensors: dict[str, torch.Tensor], max_bytes: int) -
 def save_tensors(tensors: dict[str, torch.Tensor], cfg: MobileMoEConfig, out_dir: str | os.PathLike,
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Validate ``tensors`` against the config's name map and write the checkpoint directory."""
-    _validate(cfg, {k: tuple(v.shape) for k, v in tensors.items()}, where=str(out_dir))
+    _validate(cfg, {k: tuple(v.shape) for k, v in tensors.items()}, where=str(out_dir),
+              dtypes={k: v.dtype for k, v in tensors.items()})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = list(expected_tensors(cfg))  # layout order, stable across saves
@@ -131,16 +161,29 @@ def _remove(*paths: Path) -> None:
 
 
 # ---------------------------------------------------------------------- loading
-def _validate(cfg: MobileMoEConfig, shapes: dict[str, tuple[int, ...]], where: str) -> None:
+def _validate(cfg: MobileMoEConfig, shapes: dict[str, tuple[int, ...]], where: str,
+              dtypes: Mapping[str, torch.dtype | str] | None = None) -> None:
+    """Raise one :class:`CheckpointError` listing every missing, unexpected, wrong-shaped and (when
+    ``dtypes`` is given: name -> torch dtype or safetensors name) wrong-dtype tensor."""
     expected = expected_tensors(cfg)
     missing = [k for k in expected if k not in shapes]
     unexpected = [k for k in shapes if k not in expected]
     wrong = [f"{k}: expected {list(expected[k])}, got {list(shapes[k])}"
              for k in expected if k in shapes and tuple(shapes[k]) != tuple(expected[k])]
-    if missing or unexpected or wrong:
+    wrong_dtype = []
+    if dtypes is not None:
+        allowed = expected_dtypes(cfg)
+        for k in expected:
+            if k in dtypes:
+                got = _ST_DTYPES.get(dtypes[k], dtypes[k]) if isinstance(dtypes[k], str) else dtypes[k]
+                if got not in allowed[k]:
+                    names = "/".join(_dtype_name(d) for d in allowed[k])
+                    wrong_dtype.append(f"{k}: expected {names}, got {_dtype_name(got)}")
+    if missing or unexpected or wrong or wrong_dtype:
         fmt = cfg.quantization["format"] if cfg.is_quantized else "float"
         parts = [f"{where}: tensors do not match the config ({fmt} format)"]
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
+                             ("wrong dtype", wrong_dtype)):
             if items:
                 shown = "; ".join(items[:MAX_LISTED])
                 more = f" (+{len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else ""
@@ -148,15 +191,43 @@ def _validate(cfg: MobileMoEConfig, shapes: dict[str, tuple[int, ...]], where: s
         raise CheckpointError("\n  ".join(parts))
 
 
+def is_finite(t: torch.Tensor) -> bool:
+    """True unless a floating tensor holds NaN or inf (checked in chunks: no full-size bool copy)."""
+    if not t.is_floating_point():
+        return True
+    return all(bool(torch.isfinite(chunk).all()) for chunk in t.detach().reshape(-1).split(1 << 22))
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuse NaN/inf weights, naming the tensors: they would load and generate garbage silently."""
+    bad = [name for name, t in tensors.items() if not is_finite(t)]
+    if bad:
+        shown = ", ".join(bad[:MAX_LISTED]) + (f" (+{len(bad) - MAX_LISTED} more)" if len(bad) > MAX_LISTED else "")
+        raise CheckpointError(f"{where}: non-finite values (NaN/inf) in {len(bad)} tensor(s): {shown}")
+
+
+def index_files(index: Path, error: type[Exception] | None = None) -> dict[str, Path]:
+    """A safetensors index's ``weight_map`` -> tensor name -> shard path, checked: a JSON object whose
+    shards are plain file names inside the index's directory (no absolute path, no ``..``)."""
+    error = error or CheckpointError
+    data = read_json_file(index, error)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v for k, v in weight_map.items()):
+        raise error(f"{index}: not a valid safetensors index (expected a 'weight_map' object of "
+                    f"tensor name -> shard file name)")
+    for name, fname in weight_map.items():
+        parts = PurePosixPath(fname.replace("\\", "/")).parts
+        if PurePosixPath(fname).is_absolute() or PureWindowsPath(fname).is_absolute() or ".." in parts:
+            raise error(f"{index}: tensor {name!r} names shard {fname!r} outside the checkpoint directory")
+    return {name: index.parent / fname for name, fname in weight_map.items()}
+
+
 def _files(ckpt: Path) -> dict[str, Path]:
     """tensor name -> file that holds it (index if sharded)."""
     index = ckpt / INDEX_FILE
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
-        return {name: ckpt / fname for name, fname in weight_map.items()}
+        return index_files(index)
     single = ckpt / SINGLE_FILE
     if not single.exists():
         raise CheckpointError(f"{ckpt}: no {SINGLE_FILE} or {INDEX_FILE} found")
@@ -166,7 +237,7 @@ def _files(ckpt: Path) -> dict[str, Path]:
 @contextlib.contextmanager
 def _open(path: Path) -> Iterator:
     """safe_open with every failure turned into a CheckpointError naming the file."""
-    if not path.exists():
+    if not path.is_file():
         raise CheckpointError(f"{path}: shard named in the index is missing")
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -195,15 +266,23 @@ def _read_tensors(files: dict[str, Path], names: Iterable[str]) -> dict[str, tor
     return out
 
 
-def _shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
-    """Shapes of the tensors each file actually holds (a name the index misplaces counts as missing)."""
+def _header(files: dict[str, Path]) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """(shapes, safetensors dtype names) of the tensors each file actually holds (a name the index
+    misplaces counts as missing). Reads headers only."""
     shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
     for path in sorted(set(files.values())):
         with _open(path) as f:
             for name in f.keys():
                 if files.get(name) == path:
-                    shapes[name] = tuple(f.get_slice(name).get_shape())
-    return shapes
+                    info = f.get_slice(name)
+                    shapes[name], dtypes[name] = tuple(info.get_shape()), info.get_dtype()
+    return shapes, dtypes
+
+
+def _shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+    """Shapes of the tensors each file actually holds (see :func:`_header`)."""
+    return _header(files)[0]
 
 
 class LazyTensors(Mapping):
@@ -215,7 +294,9 @@ class LazyTensors(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._names:
             raise KeyError(name)
-        return _read_tensors(self._files, [name])[name]
+        tensor = _read_tensors(self._files, [name])[name]
+        check_finite({name: tensor}, str(self._files[name]))
+        return tensor
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
@@ -234,16 +315,16 @@ def load_tensors(ckpt_dir: str | os.PathLike, lazy: bool = False) -> tuple[Mobil
         raise CheckpointError(f"{ckpt}: not a checkpoint directory")
     cfg = MobileMoEConfig.from_json(ckpt / "config.json")
     files = _files(ckpt)
-    shapes = _shapes(files)
+    shapes, dtypes = _header(files)
     if cfg.tie_word_embeddings:  # some exporters also write the tied head; it carries nothing new
         shapes.pop("lm_head.weight", None)
-    _validate(cfg, shapes, where=str(ckpt))
+    _validate(cfg, shapes, where=str(ckpt), dtypes=dtypes)
     names = expected_tensors(cfg)
-    return cfg, (LazyTensors(files, names) if lazy else _read_tensors(files, names))
-
-
-_ST_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "F16": torch.float16, "BF16": torch.bfloat16,
-              "F32": torch.float32, "I32": torch.int32, "I64": torch.int64}
+    if lazy:
+        return cfg, LazyTensors(files, names)  # each tensor is checked finite when read
+    tensors = _read_tensors(files, names)
+    check_finite(tensors, str(ckpt))
+    return cfg, tensors
 
 
 def mmap_tensor(ckpt_dir: str | os.PathLike, name: str) -> torch.Tensor:
@@ -254,12 +335,18 @@ def mmap_tensor(ckpt_dir: str | os.PathLike, name: str) -> torch.Tensor:
     import numpy as np
 
     path = _files(Path(ckpt_dir))[name]
-    with open(path, "rb") as fh:
-        header_len = int.from_bytes(fh.read(8), "little")
-        info = json.loads(fh.read(header_len))[name]
-    begin, end = info["data_offsets"]
-    dtype = _ST_DTYPES[info["dtype"]]
-    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len + begin, shape=(end - begin,))
+    try:
+        with open(path, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            if header_len > 100 * 1024**2:  # safetensors' own cap on a header
+                raise ValueError(f"header length {header_len}")
+            info = json.loads(fh.read(header_len))[name]
+        begin, end = info["data_offsets"]
+        dtype = _ST_DTYPES[info["dtype"]]
+        raw = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len + begin, shape=(end - begin,))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file, it may be truncated or "
+                              f"corrupted ({type(exc).__name__}: {exc})") from None
     import warnings
 
     with warnings.catch_warnings():  # torch warns that the numpy array is not writable; we never write it
@@ -285,6 +372,13 @@ def dequantized_state_dict(cfg: MobileMoEConfig, tensors: dict[str, torch.Tensor
     return state
 
 
+def _common_dtype(cfg: MobileMoEConfig, state: Mapping[str, torch.Tensor]) -> torch.dtype | None:
+    """None when every non-router tensor shares one dtype, else fp32 (holds bf16 and fp16 exactly)."""
+    routers = {s.name for s in tensor_specs(cfg) if s.role == "router"}
+    found = {v.dtype for k, v in state.items() if k not in routers and v.is_floating_point()}
+    return torch.float32 if len(found) > 1 else None
+
+
 def load_model(ckpt_dir: str | os.PathLike, dtype: torch.dtype | None = None):
     """Load a checkpoint into the reference :class:`MobileMoEForCausalLM`.
 
@@ -300,6 +394,8 @@ def load_model(ckpt_dir: str | os.PathLike, dtype: torch.dtype | None = None):
     state = dequantized_state_dict(cfg, tensors, dtype=torch.float32)
     if dtype is None and cfg.is_quantized:
         dtype = torch.float32
+    if dtype is None:  # a float file mixing dtypes (routers aside) loads in the widest one: exact, no mixed matmuls
+        dtype = _common_dtype(cfg, state)
     if dtype is not None:
         state = cast_floating(cfg, state, dtype)
     with torch.device("meta"):

@@ -12,6 +12,12 @@ reproduce the released models, so released configs never need them):
 
 A dense model is a config with ``num_local_experts == 0``: every layer is a SwiGLU FFN of width
 ``intermediate_size_mlp``.
+
+Values are checked where they enter (:meth:`MobileMoEConfig.from_dict`, so every ``config.json``,
+preset and ``replace``): the shape fields (:data:`REQUIRED_FIELDS`) must be present, integers are
+real integers within :data:`INT_BOUNDS` (checked before anything is sized from them), floats are
+finite and positive, booleans are JSON true/false. Each failure is one :class:`ConfigError` naming
+the file and the field.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,15 +51,77 @@ INT4_QUANTIZATION_BLOCK: dict[str, Any] = {
 }
 
 ROUTER_TYPES = ("sigmoid", "softmax")
+TORCH_DTYPES = ("bfloat16", "float16", "float32")
+
+# Integer fields: inclusive [low, high]. The upper bounds are far above any model this toolkit targets
+# (the released L: 32 layers, d 1280, vocab 128256, 60 experts, context 8192) and low enough that a
+# typo such as 1e9 layers fails here, before a single list or tensor is sized from it.
+INT_BOUNDS: dict[str, tuple[int, int]] = {
+    "vocab_size": (1, 2**21),
+    "hidden_size": (1, 65536),
+    "intermediate_size": (1, 2**18),
+    "intermediate_size_mlp": (1, 2**18),
+    "num_hidden_layers": (1, 1024),
+    "num_attention_heads": (1, 1024),
+    "num_key_value_heads": (1, 1024),
+    "head_dim": (1, 1024),
+    "max_position_embeddings": (1, 2**20),
+    "interleave_moe_layer_step": (1, 1024),
+    "num_local_experts": (0, 4096),
+    "num_experts_per_tok": (0, 4096),
+    "num_shared_experts": (0, 1),
+}
+# Float fields: finite and in (0, high].
+FLOAT_BOUNDS: dict[str, float] = {"rms_norm_eps": 1.0, "rope_theta": 1e12, "routed_scaling_factor": 1e3,
+                                  "initializer_range": 10.0}
+BOOL_FIELDS = ("use_qk_norm", "tie_word_embeddings", "attention_bias", "norm_topk_prob", "attn_temperature_tuning")
+TOKEN_ID_MAX = 2**31 - 1
+# A config.json must state the model's shape: a missing field would silently become MobileMoE-S's value.
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size_mlp", "num_hidden_layers",
+                   "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts")
+REQUIRED_MOE_FIELDS = ("intermediate_size", "num_experts_per_tok")  # only MoE configs use them
 
 
 class ConfigError(MobileMoEError, ValueError):
     """A config field is missing, of the wrong type, or inconsistent. The message names the field."""
 
 
+MAX_JSON_BYTES = 64 * 1024**2  # config.json and safetensors indexes are kilobytes; refuse to slurp a huge file
+
+
+def read_json_file(path: str | os.PathLike, error: type[Exception]) -> Any:
+    """Parse a small JSON file; any failure (unreadable, too big, not UTF-8, not JSON) -> ``error`` naming it."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise error(f"{path}: {path.stat().st_size} bytes, larger than the {MAX_JSON_BYTES} a JSON "
+                        f"config or index may be")
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise error(f"{path}: not valid JSON: nested too deeply") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
 def _err(source: str, name: str, expected: str, got: Any) -> ConfigError:
     where = f"{source}: " if source else ""
     return ConfigError(f"{where}field '{name}': expected {expected}, got {got!r}")
+
+
+def _is_int(value: Any) -> bool:
+    """A real integer: bool is not one, nor is a float such as 1e9 (JSON keeps the two apart)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float (NaN and inf pass ``value <= 0`` checks, so they are refused here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _token_id_ok(value: Any) -> bool:
+    return _is_int(value) and 0 <= value <= TOKEN_ID_MAX
 
 
 @dataclass
@@ -96,6 +165,7 @@ class MobileMoEConfig:
     architectures = ("MobileMoEForCausalLM",)
 
     def __post_init__(self) -> None:
+        self._check_scalars("")  # before no_rope_layers is sized from num_hidden_layers
         if self.no_rope_layers is None:
             self.no_rope_layers = [1] * self.num_hidden_layers
         self.validate()
@@ -117,23 +187,36 @@ class MobileMoEConfig:
         return self.quantization is not None
 
     # ------------------------------------------------------------------ validation
+    def _check_scalars(self, source: str) -> None:
+        """Type, finiteness and bounds of every scalar field (no other field is needed to check these)."""
+        for name, (low, high) in INT_BOUNDS.items():
+            value = getattr(self, name)
+            if not _is_int(value) or not low <= value <= high:
+                raise _err(source, name, f"an integer in [{low}, {high}]", value)
+        for name, high in FLOAT_BOUNDS.items():
+            value = getattr(self, name)
+            if not _is_number(value) or not 0 < value <= high:
+                raise _err(source, name, f"a finite number in (0, {high:g}]", value)
+        for name in BOOL_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):  # the string "false" would otherwise read as true
+                raise _err(source, name, "true or false", value)
+        for name in ("bos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and not _token_id_ok(value):
+                raise _err(source, name, f"null or an integer in [0, {TOKEN_ID_MAX}]", value)
+        eos = self.eos_token_id
+        if eos is not None and not _token_id_ok(eos) and not (
+                isinstance(eos, list) and eos and all(_token_id_ok(v) for v in eos)):
+            raise _err(source, "eos_token_id", f"null, an integer in [0, {TOKEN_ID_MAX}] or a list of them", eos)
+        if self.torch_dtype not in TORCH_DTYPES:
+            raise _err(source, "torch_dtype", f"one of {list(TORCH_DTYPES)}", self.torch_dtype)
+        if not isinstance(self.extra, dict):
+            raise _err(source, "extra", "a dict", self.extra)
+
     def validate(self, source: str = "") -> None:
         """Raise :class:`ConfigError` naming the first inconsistent field."""
-        positive = ["vocab_size", "hidden_size", "intermediate_size", "intermediate_size_mlp",
-                    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                    "max_position_embeddings", "interleave_moe_layer_step"]
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise _err(source, name, "a positive integer", value)
-        for name in ["num_local_experts", "num_experts_per_tok", "num_shared_experts"]:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise _err(source, name, "a non-negative integer", value)
-        for name in ["rms_norm_eps", "rope_theta", "routed_scaling_factor"]:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise _err(source, name, "a positive number", value)
+        self._check_scalars(source)
         if self.hidden_act != "silu":
             raise _err(source, "hidden_act", "'silu'", self.hidden_act)
         if self.num_attention_heads % self.num_key_value_heads:
@@ -160,7 +243,7 @@ class MobileMoEConfig:
             raise _err(source, "no_rope_layers",
                        f"a list of num_hidden_layers ({self.num_hidden_layers}) entries of 0/1",
                        f"length {got}" if isinstance(got, int) else got)
-        if any(v not in (0, 1) for v in self.no_rope_layers):
+        if any(not _is_int(v) or v not in (0, 1) for v in self.no_rope_layers):
             raise _err(source, "no_rope_layers", "entries 0 or 1", self.no_rope_layers)
         layer_types = self.extra.get("layer_types")
         if layer_types is not None and (not isinstance(layer_types, list)
@@ -182,10 +265,14 @@ class MobileMoEConfig:
         kind = rs.get("rope_type", rs.get("type"))
         if kind != "llama3":
             raise _err(source, "rope_scaling.rope_type", "'llama3'", kind)
-        for key in ["factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"]:
+        for key in ["factor", "low_freq_factor", "high_freq_factor"]:
             value = rs.get(key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise _err(source, f"rope_scaling.{key}", "a positive number", value)
+            if not _is_number(value) or not 0 < value <= 1e4:
+                raise _err(source, f"rope_scaling.{key}", "a finite number in (0, 1e4]", value)
+        original = rs.get("original_max_position_embeddings")
+        if not _is_int(original) or not 1 <= original <= INT_BOUNDS["max_position_embeddings"][1]:
+            raise _err(source, "rope_scaling.original_max_position_embeddings",
+                       f"an integer in [1, {INT_BOUNDS['max_position_embeddings'][1]}]", original)
         if rs["high_freq_factor"] < rs["low_freq_factor"]:
             raise _err(source, "rope_scaling.high_freq_factor",
                        f">= low_freq_factor ({rs['low_freq_factor']})", rs["high_freq_factor"])
@@ -201,7 +288,8 @@ class MobileMoEConfig:
             raise _err(source, "quantization.format", f"one of {list(KNOWN_QUANT_FORMATS)}", fmt)
         for key in ["group_size", "embedding_group_size", "qmin", "qmax", "symmetric", "packed"]:
             expected = INT4_QUANTIZATION_BLOCK[key]
-            if key in q and q[key] != expected:
+            # type too: True == 1 in Python, but `"packed": 1` is not the released block
+            if key in q and (type(q[key]) is not type(expected) or q[key] != expected):
                 raise _err(source, f"quantization.{key}", f"{expected!r} for {fmt}", q[key])
         if q.get("scale_dtype", "float16") != "float16":
             raise _err(source, "quantization.scale_dtype", "'float16'", q.get("scale_dtype"))
@@ -242,6 +330,14 @@ class MobileMoEConfig:
                        data["quantization_config"])
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in names}
+        required = list(REQUIRED_FIELDS)
+        if known.get("num_local_experts") != 0:
+            required += REQUIRED_MOE_FIELDS
+        missing = [name for name in required if name not in known]
+        if missing:
+            fields = ", ".join(f"'{name}'" for name in missing)
+            raise ConfigError(f"{source or 'config'}: missing required field(s) {fields} "
+                              f"(the model's shape is never guessed)")
         extra = {k: v for k, v in data.items() if k not in names}
         for f in dataclasses.fields(cls):
             if f.name in known and f.type in ("int", "float", "bool") and known[f.name] is None:
@@ -256,10 +352,11 @@ class MobileMoEConfig:
                 else:
                     setattr(cfg, f.name, f.default)
             cfg.extra = extra
+            if _is_int(cfg.rms_norm_eps):
+                cfg.rms_norm_eps = float(cfg.rms_norm_eps)
+            cfg._check_scalars(source)  # before no_rope_layers is sized from num_hidden_layers
             if cfg.no_rope_layers is None:
                 cfg.no_rope_layers = [1] * cfg.num_hidden_layers
-            if isinstance(cfg.rms_norm_eps, int) and not isinstance(cfg.rms_norm_eps, bool):
-                cfg.rms_norm_eps = float(cfg.rms_norm_eps)
             cfg.validate(source)
         except TypeError as exc:  # e.g. comparing a string to an int
             raise ConfigError(f"{source or 'config'}: a field has the wrong type: {exc}") from None
@@ -278,18 +375,14 @@ class MobileMoEConfig:
             path = path / "config.json"
         if not path.exists():
             raise ConfigError(f"{path}: no such config file")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid JSON: {exc}") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json_file(path, ConfigError), source=str(path))
 
     def replace(self, **changes: Any) -> "MobileMoEConfig":
         """A copy with some fields changed (validated)."""
         data = self.to_dict()
         data.update(changes)
         if "num_hidden_layers" in changes and "no_rope_layers" not in changes:
-            data["no_rope_layers"] = [1] * changes["num_hidden_layers"]
+            data["no_rope_layers"] = None  # from_dict sizes it once the layer count is validated
             data.pop("layer_types", None)
         return MobileMoEConfig.from_dict(data)
 

@@ -84,30 +84,32 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtyp
 
 
 def _hf_files(src: Path) -> dict[str, Path]:
+    """tensor name -> file: from a checked index (shards inside ``src`` only) or the single file."""
+    from mobilemoe.checkpoint import _read_names, index_files
+
     index = src / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {k: src / v for k, v in weight_map.items()}
+        return index_files(index, ExportError)
     single = src / "model.safetensors"
     if not single.exists():
         raise ExportError(f"{src}: no model.safetensors or model.safetensors.index.json")
-    from safetensors import safe_open
-
-    with safe_open(str(single), framework="pt") as f:
-        return {k: single for k in f.keys()}
+    return {k: single for k in _read_names(single)}
 
 
 def import_hf(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Read a Hugging Face MobileMoE directory (ours, or the released layout) into a mobilemoe
-    checkpoint directory ``out`` (INT4 stays INT4, float stays float). Validated on the way."""
-    from safetensors import safe_open
-
-    from mobilemoe.checkpoint import save_tensors
+    checkpoint directory ``out`` (INT4 stays INT4, float stays float). Validated on the way: config,
+    index, every header, every tensor's shape and dtype, and finite values, each failure one error
+    naming the file."""
+    from mobilemoe.checkpoint import _header, _read_tensors, _validate, check_finite, save_tensors
+    from mobilemoe.config import read_json_file
 
     src, out = Path(src), Path(out)
     if not (src / "config.json").exists():
         raise ExportError(f"{src}: no config.json")
-    data = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    data = read_json_file(src / "config.json", ExportError)
+    if not isinstance(data, dict):
+        raise ExportError(f"{src / 'config.json'}: expected a JSON object, got {type(data).__name__}")
     if data.get("model_type") != "mobilemoe":
         raise ExportError(f"{src}: model_type {data.get('model_type')!r} is not 'mobilemoe'")
     if data.get("rope_scaling") is None and data.get("mobilemoe_rope_scaling"):
@@ -118,14 +120,10 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     files = _hf_files(src)
     if cfg.tie_word_embeddings:
         files.pop("lm_head.weight", None)
-    tensors: dict[str, torch.Tensor] = {}
-    by_file: dict[Path, list[str]] = {}
-    for name, path in files.items():
-        by_file.setdefault(path, []).append(name)
-    for path, names in by_file.items():
-        with safe_open(str(path), framework="pt") as f:
-            for name in names:
-                tensors[name] = f.get_tensor(name)
+    shapes, dtypes = _header(files)  # headers only: a mismatch is reported before any data is read
+    _validate(cfg, shapes, where=str(src), dtypes=dtypes)
+    tensors = _read_tensors(files, shapes)
+    check_finite(tensors, str(src))
     save_tensors(tensors, cfg, out)
     for name in TOKENIZER_FILES:
         if (src / name).exists():

@@ -29,9 +29,10 @@ from safetensors import safe_open
 from mobilemoe.checkpoint import (
     CheckpointError,
     _files,
-    _shapes,
+    _header,
     _validate,
     expected_tensors,
+    is_finite,
     quantized_names,
     save_tensors,
 )
@@ -94,17 +95,21 @@ def convert_tensor(spec: TensorSpec, t: torch.Tensor, group_size: int = 32) -> d
     t = t.detach().cpu()
     if not t.is_floating_point():
         raise QuantizeError(f"{spec.name}: expected a floating-point tensor, got {t.dtype}")
+    # Every role, not only the quantized ones: a NaN router or an inf norm would be copied into
+    # an INT4 checkpoint that loads and generates garbage.
+    if not is_finite(t):
+        raise QuantizeError(f"{spec.name}: has non-finite values (NaN/inf); cannot quantize")
     if spec.role in QUANTIZED_ROLES:
-        if not torch.isfinite(t).all():
-            raise QuantizeError(f"{spec.name}: has non-finite values (inf/nan); cannot quantize")
-        codes, scales = quantize(t, group_size)
-        if not torch.isfinite(scales).all():
-            raise QuantizeError(f"{spec.name}: a group's largest |value| / 8 overflows the fp16 scale")
+        try:
+            codes, scales = quantize(t, group_size)  # refuses a scale that overflows fp16
+        except ValueError as exc:
+            raise QuantizeError(f"{spec.name}: {str(exc).removeprefix('quantize: ')}") from None
         qname, sname = quantized_names(spec)
         return {qname: codes, sname: scales}
-    if spec.role == "router":
-        return {spec.name: t.to(torch.float32)}
-    return {spec.name: t.to(torch.bfloat16)}  # norm, expert_bias, linear_bias: BF16 as released
+    out = t.to(torch.float32 if spec.role == "router" else torch.bfloat16)  # norms, biases: BF16 as released
+    if not is_finite(out):  # e.g. a float64 value beyond the bf16 range
+        raise QuantizeError(f"{spec.name}: a value overflows {out.dtype}")
+    return {spec.name: out}
 
 
 def quantize_state_dict(cfg: MobileMoEConfig, state: dict[str, torch.Tensor]
@@ -150,13 +155,13 @@ def quantize_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike,
         raise QuantizeError(f"{src}: already an INT4 checkpoint (quantization.format "
                             f"{cfg.quantization.get('format')!r}); quantize expects a float (BF16/FP32) checkpoint")
     files = _files(src)
-    shapes = _shapes(files)
+    shapes, dtypes = _header(files)
     int4 = _looks_int4(shapes)
     if int4:
         raise _int4_layout_error(str(src), int4)
     if cfg.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
-    _validate(cfg, shapes, where=str(src))
+    _validate(cfg, shapes, where=str(src), dtypes=dtypes)
     if out.exists() and out.resolve() == src.resolve():
         raise QuantizeError(f"{out}: output directory is the source checkpoint; choose another directory")
     if (out / "config.json").exists() and not overwrite:
@@ -179,7 +184,10 @@ def quantize_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 t = handles[path].get_tensor(spec.name)
             except Exception as exc:
                 raise CheckpointError(f"{path}: cannot read {spec.name!r} ({type(exc).__name__}: {exc})") from None
-            tensors.update(convert_tensor(spec, t, group))
+            try:
+                tensors.update(convert_tensor(spec, t, group))
+            except QuantizeError as exc:  # name the file too; nothing has been written yet
+                raise QuantizeError(f"{path}: {exc}") from None
             n_quantized += spec.role in QUANTIZED_ROLES
             params += t.numel()
             del t

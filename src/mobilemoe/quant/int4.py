@@ -46,8 +46,16 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def quantize(w: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric group quantization along the last axis -> (packed uint8 [..., n/2], fp16 scales [..., n/g])."""
+    """Symmetric group quantization along the last axis -> (packed uint8 [..., n/2], fp16 scales [..., n/g]).
+
+    Raises ``ValueError`` on NaN/inf input or a scale beyond fp16: either would be stored as a
+    poisoned scale that decodes every value of its group to NaN/inf.
+    """
+    if w.is_floating_point() and not bool(torch.isfinite(w).all()):
+        raise ValueError("quantize: the tensor has non-finite values (NaN/inf)")
     codes, scales = _codes_and_scales(w, group_size)
+    if not bool(torch.isfinite(scales).all()):
+        raise ValueError("quantize: a group's largest |value| / 8 overflows the fp16 scale")
     return pack_int4(codes), scales
 
 
