@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "demo",
     "quantize",
     "generate",
+    "serve",
     "bench",
     "train",
     "eval",

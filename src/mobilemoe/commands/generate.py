@@ -41,7 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--prompt", help="prompt text (needs tokenizer.json in the checkpoint)")
     src.add_argument("--prompt-file", metavar="PATH", help="read the prompt text from a UTF-8 file (as is)")
     src.add_argument("--prompt-ids", help="comma-separated token ids")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn of the chat template")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt as one user turn of the checkpoint's chat template (its chat_template "
+                        "when it has one, else the mobilemoe template)")
+    p.add_argument("--system", default=None, help="with --chat: a system message before the user turn")
     p.add_argument("--json", action="store_true", help="print a JSON record instead of streaming text")
     p.set_defaults(func=run_generate)
 
@@ -53,20 +56,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=run_chat)
 
 
-def _engine_and_sampling(args):
+def checked_flags(args):
+    """Sampling and offload settings, checked before anything loads: a bad flag should not cost a model
+    load (or an expert-store build)."""
     from mobilemoe.errors import MobileMoEError
-    from mobilemoe.runtime.engine import Engine
     from mobilemoe.runtime.sampling import SamplingParams
 
     if args.max_seq_len is not None and args.max_seq_len < 1:
         raise MobileMoEError(f"--max-seq-len: expected a positive number of tokens, got {args.max_seq_len}")
     if args.max_new_tokens < 0:
         raise MobileMoEError(f"--max-new-tokens: expected >= 0, got {args.max_new_tokens}")
-    # checked before loading: a bad flag should not cost a model load (or an expert-store build)
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    offload = _offload(args)
-    engine = Engine.load(args.model, max_seq_len=args.max_seq_len, backend=args.backend, offload=offload)
-    return engine, sampling
+    return sampling, _offload(args)
+
+
+def load_engine(args, offload):
+    """The engine `generate`, `chat` and `serve` run on, from the shared engine flags."""
+    from mobilemoe.runtime.engine import Engine
+
+    return Engine.load(args.model, max_seq_len=args.max_seq_len, backend=args.backend, offload=offload)
 
 
 _SIZE = re.compile(r"\s*((?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)\s*([kmgt]i?b|b)?\s*", re.IGNORECASE)
@@ -131,18 +139,28 @@ def _offload(args):
                          store_dir=args.expert_store, drop_page_cache=not args.keep_page_cache)
 
 
-def _stop_ids(engine, chat: bool) -> list[int]:
-    stops = []
-    eos = engine.config.eos_token_id
-    stops += eos if isinstance(eos, list) else ([eos] if eos is not None else [])
-    tok = engine.tokenizer
-    if tok is not None:
-        stops.append(tok.eos_id)
-        if chat:
-            from mobilemoe.data.tokenizer import END
+def _chat_format(model: str, needed_for: str | None):
+    """The checkpoint's :class:`~mobilemoe.data.chat_format.ChatFormat` (its tokenizer, template and stop
+    ids), or ``None`` when it has no tokenizer.json and ``needed_for`` is ``None`` (token-id prompts)."""
+    from mobilemoe.data.chat_format import load_chat_format
+    from mobilemoe.errors import MobileMoEError
 
-            stops.append(tok.require_id(END))
-    return stops
+    if not (Path(model) / "tokenizer.json").is_file():
+        if needed_for is None:
+            return None
+        raise MobileMoEError(f"{model}: no tokenizer.json ({needed_for} needs the checkpoint's tokenizer; "
+                             "token ids can be given with --prompt-ids)")
+    return load_chat_format(model)
+
+
+def stop_ids(engine, fmt, chat: bool) -> list[int]:
+    """Every id that ends a reply: config.json's eos_token_id (an int or a list) and, with a tokenizer,
+    the generation config's, the tokenizer's EOS and (for chat) the template's turn end."""
+    eos = engine.config.eos_token_id
+    stops = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    if fmt is not None:
+        stops = stops + (fmt.stop_ids if chat else fmt.eos_ids)
+    return list(dict.fromkeys(stops))
 
 
 class _Streamer:
@@ -162,6 +180,15 @@ class _Streamer:
         sys.stdout.flush()
 
 
+def _parse_ids(text: str) -> list[int]:
+    from mobilemoe.errors import MobileMoEError
+
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise MobileMoEError(f"--prompt-ids: expected comma-separated integers, got {text!r}") from None
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from mobilemoe.errors import MobileMoEError
 
@@ -170,32 +197,34 @@ def run_generate(args: argparse.Namespace) -> int:
         text = read_prompt_file(args.prompt_file)
     elif args.prompt is not None:
         text = checked_text(args.prompt, "--prompt")
-    engine, sampling = _engine_and_sampling(args)
-    if args.prompt_ids is not None:
-        try:
-            prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
-        except ValueError:
-            raise MobileMoEError(f"--prompt-ids: expected comma-separated integers, got {args.prompt_ids!r}") from None
+    if args.system is not None and (not args.chat or text is None):
+        raise MobileMoEError("--system needs --chat and a text prompt (--prompt or --prompt-file)")
+    sampling, offload = checked_flags(args)
+    # the tokenizer and the template are checked before the model loads, too
+    fmt = _chat_format(args.model, None if text is None else ("--chat" if args.chat else "a text prompt"))
+    if args.prompt_ids is not None:  # taken as is (with --chat: the chat stop ids apply)
+        prompt = _parse_ids(args.prompt_ids)
     elif args.chat:
-        from mobilemoe.data.chat import encode_prompt
-
-        if engine.tokenizer is None:
-            raise MobileMoEError("--chat needs tokenizer.json in the checkpoint")
-        prompt = encode_prompt(engine.tokenizer, [{"role": "user", "content": text}])
+        prompt = fmt.prompt_ids(_system(args) + [{"role": "user", "content": text}])
     else:
-        prompt = engine.encode(text)
+        prompt = fmt.text_ids(text)
+    engine = load_engine(args, offload)
     streamer = None if args.json else _Streamer(engine.tokenizer)
-    result = engine.generate(prompt, args.max_new_tokens, sampling, _stop_ids(engine, args.chat), on_token=streamer)
+    result = engine.generate(prompt, args.max_new_tokens, sampling, stop_ids(engine, fmt, args.chat),
+                             on_token=streamer)
     record = {
-        "prompt_tokens": len(prompt), "generated_tokens": len(result.ids), "ids": result.ids,
+        "prompt_tokens": len(prompt), "prompt_ids": list(prompt), "generated_tokens": len(result.ids),
+        "ids": result.ids,
         "stopped_by": result.stopped_by, "ttft_s": round(result.ttft_s, 4),
         "prefill_tok_s": round(result.prefill_tok_s, 1), "decode_tok_s": round(result.decode_tok_s, 1),
         "backend": type(engine.backend).__name__,
     }
     if getattr(engine.backend, "capacity", None) is not None:
         record["offload"] = engine.backend.offload_stats()
-    if engine.tokenizer is not None:
-        record["text"] = engine.tokenizer.decode(result.ids)
+    if fmt is not None:
+        record["text"] = fmt.tokenizer.decode(result.ids)
+        if args.chat:
+            record["chat_template"] = fmt.source
     if args.json:
         print_json(record)
     else:
@@ -208,14 +237,19 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _system(args: argparse.Namespace) -> list[dict[str, str]]:
+    """The ``--system`` message as a conversation prefix (empty without one)."""
+    return [{"role": "system", "content": checked_text(args.system, "--system")}] if args.system else []
+
+
 def run_chat(args: argparse.Namespace) -> int:
-    from mobilemoe.data.chat import encode_prompt
     from mobilemoe.errors import MobileMoEError
 
-    engine, sampling = _engine_and_sampling(args)
-    if engine.tokenizer is None:
-        raise MobileMoEError("chat needs tokenizer.json in the checkpoint")
-    messages = [{"role": "system", "content": checked_text(args.system, "--system")}] if args.system else []
+    sampling, offload = checked_flags(args)
+    fmt = _chat_format(args.model, "chat")
+    messages = _system(args)
+    engine = load_engine(args, offload)
+    stops = stop_ids(engine, fmt, chat=True)
     interactive = sys.stdin.isatty()
     turn = 0
     while True:
@@ -232,8 +266,7 @@ def run_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": line.rstrip("\n")})
         if interactive:
             sys.stdout.write("model> ")
-        streamer = _Streamer(engine.tokenizer)
-        result = engine.generate(encode_prompt(engine.tokenizer, messages), args.max_new_tokens, sampling,
-                                 _stop_ids(engine, chat=True), on_token=streamer)
+        streamer = _Streamer(fmt.tokenizer)
+        result = engine.generate(fmt.prompt_ids(messages), args.max_new_tokens, sampling, stops, on_token=streamer)
         sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": engine.tokenizer.decode(result.ids)})
+        messages.append({"role": "assistant", "content": fmt.tokenizer.decode(result.ids)})

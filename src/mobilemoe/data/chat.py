@@ -24,6 +24,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from mobilemoe.data.chat_format import ChatFormat
 from mobilemoe.data.loader import EpochBatcher
 from mobilemoe.data.readers import DataError, get_field, iter_jsonl
 from mobilemoe.data.tokenizer import ASSISTANT, BOS, END, SYSTEM, USER, Tokenizer
@@ -125,12 +126,16 @@ class SFTLoader(EpochBatcher):
     conversations can attend to each other (no block-diagonal mask); each starts with ``<|bos|>``.
     Seeding, rank split and ``state_dict`` work as in :class:`~mobilemoe.data.loader.PretrainLoader`;
     ranks get disjoint rows, hence disjoint conversations.
+
+    ``tokenizer`` may be a :class:`~mobilemoe.data.chat_format.ChatFormat`: conversations are then
+    rendered with its template (a checkpoint's ``chat_template``) and masked per
+    :meth:`~mobilemoe.data.chat_format.ChatFormat.encode_chat`.
     """
 
     def __init__(
         self,
         conversations: Iterable[Sequence[Message]],
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizer | ChatFormat,
         batch_size: int,
         seq_len: int,
         *,
@@ -145,7 +150,11 @@ class SFTLoader(EpochBatcher):
             raise DataError(f"seq_len must be positive, got {seq_len}")
         self.seq_len, self.pack, self.shuffle = seq_len, pack, shuffle
         self.pad_id = tokenizer.pad_id
-        self._chats = [encode_chat(tokenizer, c) for c in conversations]
+        if isinstance(tokenizer, ChatFormat):  # a checkpoint's own chat_template (see format_beside)
+            encode = tokenizer.encode_chat
+        else:
+            encode = lambda c: encode_chat(tokenizer, c)  # noqa: E731
+        self._chats = [encode(c) for c in conversations]
         if not self._chats:
             raise DataError("SFTLoader: no conversations")
         self.num_truncated = sum(len(c.ids) > seq_len + 1 for c in self._chats)

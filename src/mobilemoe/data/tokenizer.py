@@ -26,8 +26,10 @@ BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END)
 
-# End-of-document names used by common foreign tokenizer.json files, tried after our own.
-_EOS_FALLBACKS = (EOS, "<|endoftext|>", "</s>", "<eos>")
+# Begin/end-of-document names used by common foreign tokenizer.json files (GPT-2, Llama 2/3, Gemma),
+# tried after our own.
+_BOS_FALLBACKS = (BOS, "<|begin_of_text|>", "<s>", "<bos>")
+_EOS_FALLBACKS = (EOS, "<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>")
 
 
 class Tokenizer:
@@ -91,7 +93,11 @@ class Tokenizer:
 
     @property
     def bos_id(self) -> int:
-        return self.require_id(BOS)
+        for token in _BOS_FALLBACKS:
+            tid = self.token_id(token)
+            if tid is not None:
+                return tid
+        return self.require_id(BOS)  # raises with the tokenizer's name
 
     @property
     def eos_id(self) -> int:

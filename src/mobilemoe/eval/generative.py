@@ -8,7 +8,9 @@ GSM8K prompt formats:
 * ``"plain"`` (default): ``Question: ...\\nAnswer:``; with ``shots > 0`` solved problems from
   ``gsm8k/train.jsonl`` (seeded choice) in the same format, their answers ending ``#### N``.
 * ``"cot"``: the 8 chain-of-thought exemplars of Wei et al. (2022), ``Q: ...\\nA: ... The answer is N.``
-* ``"chat"``: the chat template (:func:`mobilemoe.data.chat.encode_prompt`) for SFT models, no shots.
+* ``"chat"``: one user turn, no shots: the checkpoint's own ``chat_template`` when the tokenizer's directory
+  has one (:func:`mobilemoe.data.chat_format.format_beside`), else the SFT template
+  (:func:`mobilemoe.data.chat.encode_prompt`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mobilemoe.data.chat import encode_prompt, gsm8k_final_answer
+from mobilemoe.data.chat_format import ChatFormat, format_beside
 from mobilemoe.data.readers import DataError, get_field, iter_jsonl
 from mobilemoe.eval.lm import EvalLM, _progress
 from mobilemoe.eval.multiple_choice import TaskResult, stderr_of_mean
@@ -136,6 +139,12 @@ def gsm8k_prompt(question: str, fmt: str = "plain", shots: Sequence[dict] = ()) 
     return body + f"Question: {question}\nAnswer:"
 
 
+def _chat_prompt(lm: EvalLM, chat: ChatFormat | None, question: str) -> list[int]:
+    """One user turn, in the checkpoint's chat_template when it has one, else the SFT template."""
+    turn = [{"role": "user", "content": question}]
+    return chat.prompt_ids(turn) if chat is not None else encode_prompt(lm.tokenizer, turn)
+
+
 def evaluate_gsm8k(lm: EvalLM, path: str | os.PathLike, *, limit: int | None = None, fmt: str = "plain",
                    shots: int = 0, train_path: str | os.PathLike | None = None, seed: int = 1234,
                    max_new_tokens: int = 256, name: str = "gsm8k", return_samples: bool = False) -> TaskResult:
@@ -148,17 +157,19 @@ def evaluate_gsm8k(lm: EvalLM, path: str | os.PathLike, *, limit: int | None = N
         pool = read_gsm8k_problems(train_path) if train_path and Path(train_path).exists() else \
             read_gsm8k_problems(path)
     stop = ["Question:", "\n\n"] if fmt == "plain" else ["Q:", "\n\n"] if fmt == "cot" else []
+    chat = format_beside(lm.tokenizer) if fmt == "chat" else None
+    stop_ids = chat.stop_ids if chat is not None else None  # None: the EvalLM's defaults
     correct, samples = [], []
     bar = _progress(len(problems), name, lm.progress)
     for i, p in enumerate(problems):
         if fmt == "chat":
-            prompt = encode_prompt(lm.tokenizer, [{"role": "user", "content": p["question"]}])
+            prompt = _chat_prompt(lm, chat, p["question"])
         else:
             rng = random.Random(f"{seed}:{i}")
             cands = [s for s in pool if s["question"] != p["question"]]
             chosen = rng.sample(cands, min(shots, len(cands))) if shots > 0 else []
             prompt = gsm8k_prompt(p["question"], fmt, chosen)
-        out = lm.generate(prompt, max_new_tokens=max_new_tokens, stop=stop)
+        out = lm.generate(prompt, max_new_tokens=max_new_tokens, stop=stop, stop_ids=stop_ids)
         ok = is_correct(out, p["answer"])
         correct.append(float(ok))
         if return_samples:

@@ -35,6 +35,7 @@ REMOTE_FILES = ("configuration_mobilemoe.py", "modeling_mobilemoe.py")
 AUTO_MAP = {"AutoConfig": "configuration_mobilemoe.MobileMoEConfig",
             "AutoModelForCausalLM": "modeling_mobilemoe.MobileMoEForCausalLM"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+IMPORTED_FILES = (*TOKENIZER_FILES, "generation_config.json", "chat_template.jinja")
 # keys written by transformers or this exporter that are not part of the MobileMoE contract
 _HF_ONLY_KEYS = ("auto_map", "transformers_version", "mobilemoe_rope_scaling", "dtype", "output_attentions",
                  "output_hidden_states", "return_dict", "use_cache")
@@ -125,7 +126,9 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     tensors = _read_tensors(files, shapes)
     check_finite(tensors, str(src))
     save_tensors(tensors, cfg, out)
-    for name in TOKENIZER_FILES:
+    # the tokenizer, its chat template and the generation config (eos_token_id list) travel along:
+    # chat and generation read them (mobilemoe.data.chat_format)
+    for name in IMPORTED_FILES:
         if (src / name).exists():
             shutil.copyfile(src / name, out / name)
     return out

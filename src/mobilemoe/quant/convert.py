@@ -68,7 +68,8 @@ class QuantizeReport:
         return {**asdict(self), "ratio": round(self.ratio, 4)}
 
 
-CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                 "chat_template.jinja")
 
 
 def int4_config(cfg: MobileMoEConfig) -> MobileMoEConfig:

@@ -159,10 +159,14 @@ def build_sources(recipe: Recipe, stage: StageSpec, tokenizer, out_dir: Path, in
             raise RecipeError("chat data needs a BPE tokenizer with chat markers (data.tokenizer 'train' or a path)")
         if stage.loss_on != "answers":
             raise RecipeError(f"stage {stage.name!r}: chat data trains on answers only; set loss_on: answers")
+        from mobilemoe.data.chat_format import format_beside
+
         convs = _conversations(recipe, spec)
         n_val = int(len(convs) * spec.val_fraction)
         train, val = convs[:len(convs) - n_val], convs[len(convs) - n_val:]
-        make = lambda c, shuffle: LoaderSource(SFTLoader(c, tokenizer, B, T, seed=seed, rank=info.rank,  # noqa: E731
+        # a tokenizer from a checkpoint with a chat_template (an imported model): train with that template
+        encoder = format_beside(tokenizer) or tokenizer
+        make = lambda c, shuffle: LoaderSource(SFTLoader(c, encoder, B, T, seed=seed, rank=info.rank,  # noqa: E731
                                                          world_size=info.world_size, shuffle=shuffle))
         return make(train, True), (make(val, False) if val else None)
     if isinstance(tokenizer, ByteTokenizer):  # no shards: the corpus is small by construction
