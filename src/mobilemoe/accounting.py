@@ -20,22 +20,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from mobilemoe.config import MobileMoEConfig
+from mobilemoe.formats import int4_nbytes, packed_expert_nbytes
 from mobilemoe.layout import MATMUL_ROLES, QUANTIZED_ROLES, TensorSpec, tensor_specs
 
-GROUP_SIZE = 32
 BYTES_PER_DTYPE = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
+int4_bytes = int4_nbytes  # packed INT4 codes (2 per byte) plus one fp16 scale per group
 
 
-def int4_bytes(numel: int, group_size: int = GROUP_SIZE) -> int:
-    """Packed INT4 codes (2 per byte) plus one fp16 scale per group."""
-    return numel // 2 + (numel // group_size) * 2
-
-
-def tensor_bytes(spec: TensorSpec, fmt: str = "int4", group_size: int = GROUP_SIZE) -> int:
+def tensor_bytes(spec: TensorSpec, fmt: str = "int4") -> int:
     """Bytes one tensor takes in a checkpoint of format ``int4`` (the INT4 contract) or a dtype name."""
     if fmt == "int4":
         if spec.role in QUANTIZED_ROLES:
-            return int4_bytes(spec.numel, group_size)
+            return int4_nbytes(spec.numel)
         return spec.numel * (4 if spec.role == "router" else 2)
     dtype_bytes = BYTES_PER_DTYPE[fmt]
     return spec.numel * (4 if spec.role == "router" else dtype_bytes)
@@ -105,13 +101,9 @@ def routed_expert_bytes(cfg: MobileMoEConfig, fmt: str = "int4") -> int:
 
 def runtime_expert_bytes(cfg: MobileMoEConfig) -> int:
     """Bytes of ONE routed expert as the native runtime holds and offloads it
-    (:func:`mobilemoe.kernels.pack.pack_experts`): the INT4 codes and fp16 scales of
-    :func:`routed_expert_bytes` plus one fp16 block maximum per 32 scales (its normalised scale rows)."""
-    specs = _one_layer_expert_specs(cfg)
-    if not specs:
-        return 0
-    scale_values = sum(s.numel for s in specs) // cfg.num_local_experts // GROUP_SIZE
-    return routed_expert_bytes(cfg) + scale_values // GROUP_SIZE * 2
+    (:func:`mobilemoe.kernels.pack.pack_experts`): its gate_up and down matrices [in, out] in the
+    runtime layout (:func:`mobilemoe.formats.packed_expert_nbytes`)."""
+    return sum(packed_expert_nbytes(*s.shape[1:]) for s in _one_layer_expert_specs(cfg))
 
 
 def kv_cache_bytes(cfg: MobileMoEConfig, context: int, dtype_bytes: int = 2) -> int:

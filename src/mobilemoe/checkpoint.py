@@ -1,10 +1,11 @@
 """Checkpoints: ``config.json`` + ``model.safetensors`` (sharded with an index above a size).
 
-The name map lives here and only here: :func:`expected_tensors` turns the layout of a config
-(:mod:`mobilemoe.layout`, whose names equal the model's ``state_dict`` keys) into the tensor names
-and shapes a file must hold, in the BF16/FP32 format or the packed ``mobilemoe-int4-g32`` format of
-the released QAT checkpoints (``X.weight`` -> ``X.qweight`` + ``X.weight_scale``;
-``experts.gate_up_proj`` -> ``experts.gate_up_qweight`` + ``experts.gate_up_scale``; likewise down).
+The name map: :func:`expected_tensors` turns the layout of a config (:mod:`mobilemoe.layout`, whose
+names equal the model's ``state_dict`` keys) into the tensor names and shapes a file must hold, in
+the BF16/FP32 format or the packed ``mobilemoe-int4-g32`` format of the released QAT checkpoints,
+whose naming and shape rules are :func:`mobilemoe.formats.int4_names` and
+:func:`~mobilemoe.formats.int4_shapes`. Code that needs the file name of a tensor asks
+:func:`quantized_names` (or :func:`expected_tensors`), never assembles it.
 
 Every file is written atomically (temp file + rename). Loading validates the whole file set first
 and reports every missing, unexpected, wrong-shaped or wrong-dtype tensor in one message, then
@@ -28,6 +29,7 @@ from safetensors.torch import save_file
 
 from mobilemoe.config import MobileMoEConfig, read_json_file
 from mobilemoe.errors import MobileMoEError
+from mobilemoe.formats import CODE_DTYPE, SCALE_DTYPE, int4_names, int4_shapes
 from mobilemoe.layout import QUANTIZED_ROLES, TensorSpec, tensor_specs
 from mobilemoe.utils import atomic_path, atomic_write_text
 
@@ -44,31 +46,24 @@ class CheckpointError(MobileMoEError):
 # ---------------------------------------------------------------------- the name map
 def quantized_names(spec: TensorSpec) -> tuple[str, str]:
     """The (codes, scales) tensor names of a quantized tensor in the released INT4 layout."""
-    if spec.role == "experts":  # ...experts.gate_up_proj -> ...experts.gate_up_qweight / gate_up_scale
-        stem = spec.name.removesuffix("_proj")
-        return f"{stem}_qweight", f"{stem}_scale"
-    stem = spec.name.removesuffix(".weight")  # X.weight -> X.qweight / X.weight_scale
-    return f"{stem}.qweight", f"{stem}.weight_scale"
+    return int4_names(spec.name, stacked_experts=spec.role == "experts")
 
 
 def expected_tensors(cfg: MobileMoEConfig) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape that a checkpoint of this config must contain (format from cfg.quantization)."""
     out: dict[str, tuple[int, ...]] = {}
-    group = int((cfg.quantization or {}).get("group_size", 32))
     for spec in tensor_specs(cfg):
         if cfg.is_quantized and spec.role in QUANTIZED_ROLES:
             qname, sname = quantized_names(spec)
-            *lead, n = spec.shape
-            out[qname] = (*lead, n // 2)
-            out[sname] = (*lead, n // group)
+            out[qname], out[sname] = int4_shapes(spec.shape)
         else:
             out[spec.name] = spec.shape
     return out
 
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-CODE_DTYPES = (torch.uint8,)
-SCALE_DTYPES = (torch.float16,)
+CODE_DTYPES = (CODE_DTYPE,)
+SCALE_DTYPES = (SCALE_DTYPE,)
 # safetensors header dtype names -> torch (names torch lacks stay strings in messages)
 _ST_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
               "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
@@ -361,12 +356,11 @@ def dequantized_state_dict(cfg: MobileMoEConfig, tensors: dict[str, torch.Tensor
 
     if not cfg.is_quantized:
         return dict(tensors)
-    group = int(cfg.quantization.get("group_size", 32))
     state = {}
     for spec in tensor_specs(cfg):
         if spec.role in QUANTIZED_ROLES:
             qname, sname = quantized_names(spec)
-            state[spec.name] = dequantize(tensors[qname], tensors[sname], group, dtype)
+            state[spec.name] = dequantize(tensors[qname], tensors[sname], dtype=dtype)
         else:
             state[spec.name] = tensors[spec.name]
     return state

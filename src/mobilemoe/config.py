@@ -32,23 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from mobilemoe.errors import MobileMoEError
+from mobilemoe.formats import GROUP_SIZE, INT4_FORMAT, INT4_QUANTIZATION_BLOCK
 
-QUANT_FORMAT_INT4 = "mobilemoe-int4-g32"
+QUANT_FORMAT_INT4 = INT4_FORMAT
 KNOWN_QUANT_FORMATS = (QUANT_FORMAT_INT4,)
-
-# The quantization block of the released INT4 QAT checkpoints, verbatim.
-INT4_QUANTIZATION_BLOCK: dict[str, Any] = {
-    "format": QUANT_FORMAT_INT4,
-    "group_size": 32,
-    "embedding_group_size": 32,
-    "qmin": -8,
-    "qmax": 7,
-    "symmetric": True,
-    "packed": True,
-    "scale_dtype": "float16",
-    "linear_group_axis": "in (last dim of [out, in])",
-    "expert_group_axis": "out (last dim of [E, in, out])",
-}
 
 ROUTER_TYPES = ("sigmoid", "softmax")
 TORCH_DTYPES = ("bfloat16", "float16", "float32")
@@ -291,16 +278,17 @@ class MobileMoEConfig:
             # type too: True == 1 in Python, but `"packed": 1` is not the released block
             if key in q and (type(q[key]) is not type(expected) or q[key] != expected):
                 raise _err(source, f"quantization.{key}", f"{expected!r} for {fmt}", q[key])
-        if q.get("scale_dtype", "float16") != "float16":
-            raise _err(source, "quantization.scale_dtype", "'float16'", q.get("scale_dtype"))
-        # Every packed axis must split into whole groups of 32.
+        scale_dtype = INT4_QUANTIZATION_BLOCK["scale_dtype"]
+        if q.get("scale_dtype", scale_dtype) != scale_dtype:
+            raise _err(source, "quantization.scale_dtype", repr(scale_dtype), q.get("scale_dtype"))
+        # Every packed axis must split into whole groups.
         grouped = {"hidden_size": self.hidden_size, "intermediate_size_mlp": self.intermediate_size_mlp,
                    "head_dim * num_attention_heads": self.head_dim * self.num_attention_heads}
         if self.is_moe:
             grouped["intermediate_size"] = self.intermediate_size
         for name, value in grouped.items():
-            if value % 32:
-                raise _err(source, name, "a multiple of 32 for group-32 INT4", value)
+            if value % GROUP_SIZE:
+                raise _err(source, name, f"a multiple of {GROUP_SIZE} for group-{GROUP_SIZE} INT4", value)
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

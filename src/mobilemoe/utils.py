@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import tempfile
 from pathlib import Path
@@ -80,6 +79,8 @@ def output_lock(directory: str | os.PathLike, command: str) -> Iterator[Path]:
     The lock is an ``flock`` on ``DIR/.mobilemoe.lock``, so it dies with its process (no stale locks
     after kill -9); the file records ``pid N (command)`` so a second writer is refused naming the holder.
     """
+    import fcntl  # POSIX only; imported here so config.py (shipped with HF exports) still loads on Windows
+
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,8 @@ def test_transformers_logits_equal(ckpts, prompt, tmp_path, name):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "mobilemoe" and cfg["auto_map"]["AutoModelForCausalLM"]
     assert "quantization" not in cfg  # INT4 is decoded to float32
-    for f in ("model.safetensors", "modeling_mobilemoe.py", "configuration_mobilemoe.py", "generation_config.json"):
+    for f in ("model.safetensors", "modeling_mobilemoe.py", "configuration_mobilemoe.py", "model.py", "moe.py",
+              "config.py", "generation_config.json"):
         assert (out / f).exists()
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     ref = _logits(load_model(ckpts[name]).eval(), prompt)

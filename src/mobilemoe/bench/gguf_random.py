@@ -16,8 +16,8 @@ import numpy as np
 
 from mobilemoe.config import MobileMoEConfig
 from mobilemoe.errors import MobileMoEError
+from mobilemoe.export.gguf import Q4_0_BLOCK, Q4_0_BYTES
 
-Q4_0_BLOCK_BYTES = 18  # fp16 scale + 32 nibbles
 SCALE = 0.004  # codes uniform in [-8, 7] -> weights of std ~0.018
 
 
@@ -32,9 +32,9 @@ def _gguf():
 def _q4_0(rng: np.random.Generator, *shape: int) -> np.ndarray:
     """Random Q4_0 bytes for a float tensor of numpy shape ``shape`` (last dim quantized)."""
     *lead, n = shape
-    blocks = rng.integers(0, 256, size=(*lead, n // 32, Q4_0_BLOCK_BYTES), dtype=np.uint8)
+    blocks = rng.integers(0, 256, size=(*lead, n // Q4_0_BLOCK, Q4_0_BYTES), dtype=np.uint8)
     blocks[..., :2] = np.frombuffer(np.float16(SCALE).tobytes(), dtype=np.uint8)
-    return blocks.reshape(*lead, n // 32 * Q4_0_BLOCK_BYTES)
+    return blocks.reshape(*lead, n // Q4_0_BLOCK * Q4_0_BYTES)
 
 
 def _check(cfg: MobileMoEConfig, arch: str) -> None:

@@ -225,8 +225,12 @@ class EvalLM:
         return truncate_at_stop(text, stop)
 
     def _default_stop_ids(self) -> list[int]:
+        """The tokenizer's EOS, the project template's turn end and every id of config.json's
+        ``eos_token_id`` (the released configs give a list)."""
         ids = [self.tokenizer.eos_id]
         end = self.tokenizer.token_id("<|end|>")
+        eos = getattr(self.model.config, "eos_token_id", None)
+        ids += eos if isinstance(eos, list) else ([eos] if eos is not None else [])
         return ids + ([end] if end is not None else [])
 
 

@@ -75,10 +75,16 @@ import torch
 from mobilemoe.config import MobileMoEConfig
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.export.common import ExportError, unsupported
+from mobilemoe.formats import GROUP_SIZE, SCALE_DTYPE, unpack_int4
+from mobilemoe.quant.int4 import dequantize
 
 ARCH = "exaone-moe"
 TYPES = ("f32", "f16", "q8_0", "q4_0")
 TARGET = f"GGUF (llama.cpp '{ARCH}')"
+# ggml's block_q4_0: one fp16 scale, then 32 values as 16 bytes of nibbles (q = code + 8). Its block
+# equals our INT4 group, which is why linear-layout tensors copy into Q4_0 code for code.
+Q4_0_BLOCK = GROUP_SIZE
+Q4_0_BYTES = SCALE_DTYPE.itemsize + Q4_0_BLOCK // 2
 
 
 def _gguf():
@@ -135,46 +141,45 @@ def q4_0_from_int4(codes: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
     """Our codes [..., n] (int8 in [-8, 7]) and fp16 scales [..., n/32] -> Q4_0 block bytes
     [..., n/32*18]: per block the fp16 scale, then byte j = (q[j]) | (q[j+16] << 4), q = code + 8."""
     *lead, n = codes.shape
-    q = (codes.to(torch.int16) + 8).to(torch.uint8).reshape(*lead, n // 32, 32)
-    qs = q[..., :16] | (q[..., 16:] << 4)
-    d = scales.to(torch.float16).contiguous().view(torch.uint8).reshape(*lead, n // 32, 2)
-    return torch.cat([d, qs], dim=-1).reshape(*lead, n // 32 * 18).numpy()
+    nb, half = n // Q4_0_BLOCK, Q4_0_BLOCK // 2
+    q = (codes.to(torch.int16) + 8).to(torch.uint8).reshape(*lead, nb, Q4_0_BLOCK)
+    qs = q[..., :half] | (q[..., half:] << 4)
+    d = scales.to(SCALE_DTYPE).contiguous().view(torch.uint8).reshape(*lead, nb, SCALE_DTYPE.itemsize)
+    return torch.cat([d, qs], dim=-1).reshape(*lead, nb * Q4_0_BYTES).numpy()
 
 
 def int4_from_q4_0(blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`q4_0_from_int4`: Q4_0 bytes [..., nb*18] -> (codes int8 [..., nb*32], fp16 scales)."""
     *lead, nbytes = blocks.shape
-    b = torch.from_numpy(np.array(blocks, dtype=np.uint8, copy=True)).reshape(*lead, nbytes // 18, 18)
-    scales = b[..., :2].contiguous().view(torch.float16).squeeze(-1)
-    qs = b[..., 2:]
+    nb, sb = nbytes // Q4_0_BYTES, SCALE_DTYPE.itemsize
+    b = torch.from_numpy(np.array(blocks, dtype=np.uint8, copy=True)).reshape(*lead, nb, Q4_0_BYTES)
+    scales = b[..., :sb].contiguous().view(SCALE_DTYPE).squeeze(-1)
+    qs = b[..., sb:]
     q = torch.cat([qs & 0xF, qs >> 4], dim=-1).to(torch.int8) - 8
-    return q.reshape(*lead, nbytes // 18 * 32), scales
+    return q.reshape(*lead, nb * Q4_0_BLOCK), scales
 
 
 @dataclass
 class _Source:
-    """A logical tensor: float values, or (for INT4 linear-layout tensors) exact codes + scales."""
+    """A logical tensor: float values, or (from an INT4 checkpoint) its packed codes + scales."""
     value: torch.Tensor | None = None
-    codes: torch.Tensor | None = None
+    qweight: torch.Tensor | None = None
     scales: torch.Tensor | None = None
 
     def float(self) -> torch.Tensor:
-        if self.value is not None:
-            return self.value.float()
-        return (self.codes.float().unflatten(-1, (-1, 32)) * self.scales.float().unsqueeze(-1)).flatten(-2)
+        return self.value.float() if self.value is not None else dequantize(self.qweight, self.scales)
 
 
 def _read(ckpt: str | os.PathLike) -> tuple[MobileMoEConfig, dict[str, _Source]]:
     from mobilemoe.checkpoint import load_tensors, quantized_names
     from mobilemoe.layout import QUANTIZED_ROLES, tensor_specs
-    from mobilemoe.quant.int4 import unpack_int4
 
     cfg, tensors = load_tensors(ckpt)
     out: dict[str, _Source] = {}
     for spec in tensor_specs(cfg):
         if cfg.is_quantized and spec.role in QUANTIZED_ROLES:
             qn, sn = quantized_names(spec)
-            out[spec.name] = _Source(codes=unpack_int4(tensors[qn]), scales=tensors[sn])
+            out[spec.name] = _Source(qweight=tensors[qn], scales=tensors[sn])
         else:
             out[spec.name] = _Source(value=tensors[spec.name])
     return cfg, out
@@ -309,11 +314,11 @@ def export_gguf(ckpt: str | os.PathLike, out: str | os.PathLike, type: str = "f1
 
     def add_weight(name: str, s: _Source, rows_perm=None) -> None:
         """A matmul weight [out, in] (or [E, out, in]) in the chosen type."""
-        if s.codes is not None and type == "q4_0":
-            codes, scales = s.codes, s.scales
-            if rows_perm is not None:
-                codes, scales = rows_perm(codes), rows_perm(scales)
-            arr = q4_0_from_int4(codes, scales)
+        if s.qweight is not None and type == "q4_0":
+            qweight, scales = s.qweight, s.scales
+            if rows_perm is not None:  # a row permutation moves packed rows and their scales alike
+                qweight, scales = rows_perm(qweight), rows_perm(scales)
+            arr = q4_0_from_int4(unpack_int4(qweight), scales)
             w.add_tensor(name, arr, raw_dtype=qt.Q4_0)
             report.exact_q4_0.append(name)
         else:

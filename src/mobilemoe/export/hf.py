@@ -8,8 +8,10 @@ trust_remote_code=True)`` loads with no mobilemoe installed:
 * ``model.safetensors``: the float tensors under the checkpoint names (which equal the module names of
   the remote code). INT4 checkpoints are decoded exactly (``code * scale``) and written as float32
   (bfloat16 would round the decoded values), so the ``quantization`` block is dropped;
-* ``configuration_mobilemoe.py`` + ``modeling_mobilemoe.py`` (self-contained, copied from
-  ``mobilemoe/export/hf_remote``);
+* the remote code (:func:`remote_code`): the package's own ``model.py`` and ``moe.py`` and the
+  modules they import (``config.py``, ...), each a copy whose only change is the mechanical import
+  rewrite :func:`ship_source`, plus the thin transformers wrappers ``configuration_mobilemoe.py`` and
+  ``modeling_mobilemoe.py`` from ``mobilemoe/export/hf_remote``;
 * ``generation_config.json``, and ``tokenizer.json`` (+ ``tokenizer_config.json``) when the
   checkpoint has one.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -32,6 +35,10 @@ from mobilemoe.export.common import ExportError
 
 REMOTE_DIR = Path(__file__).parent / "hf_remote"
 REMOTE_FILES = ("configuration_mobilemoe.py", "modeling_mobilemoe.py")
+PACKAGE_DIR = Path(__file__).parent.parent
+SHIPPED_ROOTS = ("model.py",)  # the forward; everything it imports from mobilemoe ships with it
+_PACKAGE_IMPORT = re.compile(r"^(\s*)from mobilemoe\.(\w+) import ", re.MULTILINE)
+_ANY_PACKAGE_IMPORT = re.compile(r"^\s*(?:from|import)\s+mobilemoe\b.*$", re.MULTILINE)
 AUTO_MAP = {"AutoConfig": "configuration_mobilemoe.MobileMoEConfig",
             "AutoModelForCausalLM": "modeling_mobilemoe.MobileMoEForCausalLM"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -51,6 +58,7 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtyp
     from mobilemoe.utils import atomic_path, atomic_write_text
 
     ckpt, out = Path(ckpt), Path(out)
+    code = remote_code()  # before any output is written: a source that cannot ship fails here
     cfg, tensors = load_tensors(ckpt)
     state = dequantized_state_dict(cfg, tensors, dtype=torch.float32)
     if dtype is None and cfg.is_quantized:
@@ -67,14 +75,15 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtyp
     data = hf_cfg.to_dict()
     data["auto_map"] = dict(AUTO_MAP)
     atomic_write_text(out / "config.json", json.dumps(data, indent=2) + "\n")
-    for name in REMOTE_FILES:
-        shutil.copyfile(REMOTE_DIR / name, out / name)
+    for name, text in code.items():
+        atomic_write_text(out / name, text)
     gen = {"_from_model_config": True}
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(cfg, key) is not None:
             gen[key] = getattr(cfg, key)
-    atomic_write_text(out / "generation_config.json", json.dumps(gen, indent=2) + "\n")
-    for name in TOKENIZER_FILES:
+    if not (ckpt / "generation_config.json").exists():  # an imported checkpoint keeps its own (copied below)
+        atomic_write_text(out / "generation_config.json", json.dumps(gen, indent=2) + "\n")
+    for name in IMPORTED_FILES:
         if (ckpt / name).exists():
             shutil.copyfile(ckpt / name, out / name)
     if (ckpt / "tokenizer.json").exists() and not (ckpt / "tokenizer_config.json").exists():
@@ -82,6 +91,32 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtyp
             {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_position_embeddings},
             indent=2) + "\n")
     return out
+
+
+def ship_source(text: str) -> str:
+    """A package module as the remote code ships it: ``from mobilemoe.X import`` becomes
+    ``from .X import`` (transformers copies the files a module imports relatively), nothing else."""
+    return _PACKAGE_IMPORT.sub(r"\1from .\2 import ", text)
+
+
+def remote_code() -> dict[str, str]:
+    """File name -> text of the remote code: :data:`SHIPPED_ROOTS` and every package module they
+    import (recursively), through :func:`ship_source`, then the transformers wrappers."""
+    files: dict[str, str] = {}
+    todo = list(SHIPPED_ROOTS)
+    while todo:
+        name = todo.pop()
+        if name in files:
+            continue
+        files[name] = ship_source((PACKAGE_DIR / name).read_text(encoding="utf-8"))
+        left = _ANY_PACKAGE_IMPORT.search(files[name])  # e.g. `import mobilemoe.x` or a subpackage
+        if left:
+            raise ExportError(f"mobilemoe/{name}: cannot ship '{left.group(0).strip()}' as remote code "
+                              f"(only 'from mobilemoe.NAME import' of a top-level module)")
+        todo += [f"{m}.py" for m in re.findall(r"^\s*from \.(\w+) import ", files[name], re.MULTILINE)]
+    for name in REMOTE_FILES:
+        files[name] = (REMOTE_DIR / name).read_text(encoding="utf-8")
+    return files
 
 
 def _hf_files(src: Path) -> dict[str, Path]:

@@ -41,7 +41,7 @@ from mobilemoe.errors import MobileMoEError
 from mobilemoe.layout import QUANTIZED_ROLES, TensorSpec, tensor_specs
 from mobilemoe.quant.int4 import quantize
 
-INT4_SUFFIXES = (".qweight", ".weight_scale", "_qweight", "_scale")
+from mobilemoe.formats import GROUP_SIZE, INT4_SUFFIXES
 
 
 class QuantizeError(MobileMoEError, ValueError):
@@ -91,7 +91,7 @@ def _int4_layout_error(where: str, names: list[str]) -> QuantizeError:
                          f"expected float (BF16/FP32) weights")
 
 
-def convert_tensor(spec: TensorSpec, t: torch.Tensor, group_size: int = 32) -> dict[str, torch.Tensor]:
+def convert_tensor(spec: TensorSpec, t: torch.Tensor, group_size: int = GROUP_SIZE) -> dict[str, torch.Tensor]:
     """One float tensor -> its tensors in the INT4 checkpoint (by checkpoint name)."""
     t = t.detach().cpu()
     if not t.is_floating_point():

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mobilemoe.errors import MobileMoEError
+from mobilemoe.layout import tensor_specs
 from mobilemoe.remoe.losses import LayerRouting, router_probs
 
 
@@ -194,7 +195,7 @@ class MobileMoEAdapter(Adapter):
         super().__init__(model, path)
 
     def router_param_names(self) -> list[str]:
-        return [f"model.layers.{i}.feed_forward.router.weight" for i, _ in self._blocks]
+        return [s.name for s in tensor_specs(self.model.config) if s.role == "router"]
 
     def hook_modules(self) -> list[nn.Module]:
         return [b for _, b in self._blocks]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import mmap
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -19,6 +18,7 @@ import torch
 from mobilemoe.checkpoint import load_tensors, mmap_tensor, quantized_names
 from mobilemoe.config import MobileMoEConfig
 from mobilemoe.errors import MobileMoEError
+from mobilemoe.formats import TILE_ROWS
 from mobilemoe.layout import spec_map
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def unavailable_reason() -> str:
     return _lib()[1]
 
 
-PACK_ROWS = 4096  # rows packed at a time: bounds the repacking temporaries (the LM head is 128K+ rows)
+PACK_ROWS = 4096  # rows packed at a time, whole tiles: bounds the repacking temporaries (the LM head is 128K+ rows)
 HUGE_PAGE = 2 << 20
 
 
@@ -106,14 +106,14 @@ def _in_weight_buffer(t: torch.Tensor) -> torch.Tensor:
 
 
 def _pack_rows(qweight: torch.Tensor, scale: torch.Tensor, pack_linear) -> torch.Tensor:
-    """pack_linear in row chunks written into one preallocated buffer (tiles are 16 rows)."""
+    """pack_linear in row chunks written into one preallocated buffer (whole tiles per chunk)."""
     first = pack_linear(qweight[:PACK_ROWS], scale[:PACK_ROWS])
     if qweight.shape[0] <= PACK_ROWS:
         return _in_weight_buffer(first)
-    out = weight_buffer(((qweight.shape[0] + 15) // 16, first.shape[1]), first.dtype)
+    out = weight_buffer((-(-qweight.shape[0] // TILE_ROWS), first.shape[1]), first.dtype)
     for r in range(0, qweight.shape[0], PACK_ROWS):
         part = first if r == 0 else pack_linear(qweight[r:r + PACK_ROWS], scale[r:r + PACK_ROWS])
-        out[r // 16: r // 16 + part.shape[0]] = part
+        out[r // TILE_ROWS: r // TILE_ROWS + part.shape[0]] = part
     return out
 
 

@@ -7,6 +7,8 @@ slot, with no repacking on the decode path::
 
     record = gate_up codes | gate_up scales | down codes | down scales      (per expert, 4 KiB aligned)
 
+(the record layout's constants: :mod:`mobilemoe.formats`).
+
 The native runtime (:class:`mobilemoe.runtime.native.NativeBackend` with an :class:`ExpertOffload`)
 keeps C slots per MoE layer, evicts the least recently used expert that the current step does not
 need, and counts hits, misses, bytes read and read time. ``drop_page_cache`` asks the kernel to drop
@@ -39,13 +41,11 @@ import torch
 
 from mobilemoe.config import MobileMoEConfig
 from mobilemoe.errors import MobileMoEError
+from mobilemoe.formats import CODE_DTYPE, EXPERT_STORE_FORMAT, RECORD_ALIGN, RECORD_PARTS, SCALE_DTYPE
 
 STORE_FILE = "experts.bin"
 STORE_INDEX = "experts.json"
-STORE_FORMAT = "mobilemoe-expert-store-v3"  # v3: checkpoint fingerprint + sha256 per record; v2: normalised scale rows
-PARTS = ("gu_codes", "gu_scales", "dn_codes", "dn_scales")
-EXPERT_TENSORS = ("gate_up_qweight", "gate_up_scale", "down_qweight", "down_scale")  # per MoE layer, in the checkpoint
-ALIGN = 4096
+STORE_FORMAT = EXPERT_STORE_FORMAT
 RACY_NS = 2_000_000_000  # a file changed this recently may change again without a new timestamp
 
 
@@ -109,9 +109,17 @@ def resolve_capacity(cfg: MobileMoEConfig, offload: ExpertOffload, max_seq_len: 
 
 
 # ---------------------------------------------------------------------- the store file
-def _expert_names(layer: int) -> list[str]:
-    p = f"model.layers.{layer}.feed_forward.experts"
-    return [f"{p}.{n}" for n in EXPERT_TENSORS]
+def _expert_names(cfg: MobileMoEConfig) -> dict[int, list[str]]:
+    """MoE layer -> the checkpoint tensors its records are cut from: gate_up (codes, scales), then
+    down (codes, scales), the order of :data:`~mobilemoe.formats.RECORD_PARTS`."""
+    from mobilemoe.checkpoint import quantized_names
+    from mobilemoe.layout import tensor_specs
+
+    out: dict[int, list[str]] = {}
+    for spec in tensor_specs(cfg):
+        if spec.role == "experts":
+            out.setdefault(spec.layer, []).extend(quantized_names(spec))
+    return out
 
 
 def _raw(t: torch.Tensor) -> memoryview:
@@ -121,7 +129,7 @@ def _raw(t: torch.Tensor) -> memoryview:
 def _record(gu: tuple[torch.Tensor, torch.Tensor], dn: tuple[torch.Tensor, torch.Tensor]) -> tuple[list[dict], bytes]:
     """One expert's packed (codes, scales) of gate_up and down -> (the index's parts, the record bytes)."""
     parts, blob = [], bytearray()
-    for name, t in zip(PARTS, (*gu, *dn)):
+    for name, t in zip(RECORD_PARTS, (*gu, *dn)):
         raw = _raw(t)
         parts.append({"name": name, "dtype": str(t.dtype).removeprefix("torch."),
                       "shape": list(t.shape), "offset": len(blob), "nbytes": len(raw)})
@@ -135,9 +143,9 @@ def _expected_parts(cfg: MobileMoEConfig) -> list[dict]:
     from mobilemoe.kernels.pack import pack_experts
 
     shapes = expected_tensors(cfg)
-    names = _expert_names(_moe_layers(cfg)[0])
-    zeros = [torch.zeros((1, *shapes[n][1:]), dtype=torch.uint8 if "qweight" in n else torch.float16) for n in names]
-    gu, dn = pack_experts(zeros[0], zeros[1]), pack_experts(zeros[2], zeros[3])
+    gu_q, gu_s, dn_q, dn_s = (shapes[n][1:] for n in _expert_names(cfg)[_moe_layers(cfg)[0]])
+    gu = pack_experts(torch.zeros(1, *gu_q, dtype=CODE_DTYPE), torch.zeros(1, *gu_s, dtype=SCALE_DTYPE))
+    dn = pack_experts(torch.zeros(1, *dn_q, dtype=CODE_DTYPE), torch.zeros(1, *dn_s, dtype=SCALE_DTYPE))
     return _record((gu[0][0], gu[1][0]), (dn[0][0], dn[1][0]))[0]
 
 
@@ -150,7 +158,7 @@ def _source_key(ckpt: Path, cfg: MobileMoEConfig) -> list | None:
 
     files = _files(ckpt)
     now, key = time.time_ns(), []
-    for path in sorted({files[n] for i in _moe_layers(cfg) for n in _expert_names(i)}):
+    for path in sorted({files[n] for names in _expert_names(cfg).values() for n in names}):
         st = path.stat()
         if now - max(st.st_mtime_ns, st.st_ctime_ns) < RACY_NS:
             return None
@@ -170,8 +178,7 @@ def checkpoint_fingerprint(int4_ckpt: str | os.PathLike) -> str:
 
     cfg, tensors = load_tensors(int4_ckpt, lazy=True)
     h = hashlib.sha256()
-    for i in _moe_layers(cfg):
-        names = _expert_names(i)
+    for names in _expert_names(cfg).values():
         _hash_tensors(h, names, [tensors[n] for n in names])
     return h.hexdigest()
 
@@ -208,14 +215,13 @@ def _write_records(cfg: MobileMoEConfig, tensors, out: Path, key: list | None) -
     from mobilemoe.kernels.pack import pack_experts
     from mobilemoe.utils import atomic_path, atomic_write_text
 
-    index: dict = {"format": STORE_FORMAT, "align": ALIGN, "num_experts": cfg.num_local_experts,
+    index: dict = {"format": STORE_FORMAT, "align": RECORD_ALIGN, "num_experts": cfg.num_local_experts,
                    "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-                   "parts": list(PARTS), "source": {"files": key}, "layers": {}}
+                   "parts": list(RECORD_PARTS), "source": {"files": key}, "layers": {}}
     fingerprint = hashlib.sha256()
     offset = 0
     with atomic_path(out / STORE_FILE) as tmp, open(tmp, "wb") as fh:
-        for i in _moe_layers(cfg):
-            names = _expert_names(i)
+        for i, names in _expert_names(cfg).items():
             gu_q, gu_s, dn_q, dn_s = (tensors[n] for n in names)  # each read once per layer
             _hash_tensors(fingerprint, names, (gu_q, gu_s, dn_q, dn_s))
             entries = []
@@ -223,7 +229,7 @@ def _write_records(cfg: MobileMoEConfig, tensors, out: Path, key: list | None) -
                 gu = pack_experts(gu_q[e:e + 1], gu_s[e:e + 1])
                 dn = pack_experts(dn_q[e:e + 1], dn_s[e:e + 1])
                 parts, blob = _record((gu[0][0], gu[1][0]), (dn[0][0], dn[1][0]))
-                pad = (-offset) % ALIGN
+                pad = (-offset) % RECORD_ALIGN
                 fh.write(b"\0" * pad)
                 offset += pad
                 entries.append({"offset": offset, "nbytes": len(blob), "parts": parts,
@@ -363,7 +369,7 @@ def _bad_record(store: ExpertStore, cfg: MobileMoEConfig) -> str | None:
             if not isinstance(r, dict) or r.get("parts") != expected or r.get("nbytes") != nbytes:
                 return f"{where} does not have the packed layout of this model"
             off = r.get("offset")
-            if not isinstance(off, int) or off < 0 or off % ALIGN or off + nbytes > size:
+            if not isinstance(off, int) or off < 0 or off % RECORD_ALIGN or off + nbytes > size:
                 return f"{where} lies outside the file ({STORE_FILE} has {size} bytes)"
             store.file.seek(off)
             if hashlib.sha256(store.file.read(nbytes)).hexdigest() != r.get("sha256"):
@@ -381,7 +387,7 @@ def _older_format(d: Path) -> bool:
 
 
 def slot_tensors(index: dict, layer: int, capacity: int) -> list[torch.Tensor]:
-    """Empty cache slots [C, ...] for one layer, shaped like the store's parts (PARTS order)."""
+    """Empty cache slots [C, ...] for one layer, shaped like the store's parts (RECORD_PARTS order)."""
     parts = index["layers"][str(layer)][0]["parts"]
     return [torch.empty((capacity, *p["shape"]), dtype=getattr(torch, p["dtype"])) for p in parts]
 

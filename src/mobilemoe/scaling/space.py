@@ -177,9 +177,11 @@ class Arch:
             raise SpaceError(str(exc)) from None
 
     def int4_ok(self) -> bool:
-        """Every packed axis splits into groups of 32 (the mobilemoe-int4-g32 format)."""
-        return (self.d_model % 32 == 0 and self.n_heads * self.head_dim % 32 == 0
-                and (self.is_dense or self.expert_width % 32 == 0))
+        """Every packed axis splits into whole INT4 groups (the mobilemoe-int4-g32 format)."""
+        from mobilemoe.formats import GROUP_SIZE as G
+
+        return (self.d_model % G == 0 and self.n_heads * self.head_dim % G == 0
+                and (self.is_dense or self.expert_width % G == 0))
 
 
 def arch_from_config(cfg: MobileMoEConfig, ffn_ratio: int = 4) -> Arch:
