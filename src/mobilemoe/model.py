@@ -79,6 +79,17 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # positions filled so far
 
+    @staticmethod
+    def attention_mask(start: int, T: int, S: int, device: torch.device) -> tuple[torch.Tensor | None, bool]:
+        """(attn_mask, is_causal) for T queries from ``start`` over the S cached keys returned by update."""
+        if T == 1:
+            return None, False  # one new query sees every cached position
+        if S == T:
+            return None, True
+        # a chunk appended after `start` cached positions
+        pos_q = torch.arange(start, start + T, device=device)[:, None]
+        return torch.arange(S, device=device)[None, :] <= pos_q, False
+
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + k.shape[2]
         if end > self.max_len:
@@ -111,14 +122,9 @@ class Attention(nn.Module):
             q, k = rms_norm(q, self.cfg.rms_norm_eps), rms_norm(k, self.cfg.rms_norm_eps)
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)
-        S = k.shape[2]
-        if T == 1:
-            mask, causal = None, False  # one new query sees every cached position
-        elif S == T:
-            mask, causal = None, True
-        else:  # a chunk appended after `start` cached positions
-            pos_q = torch.arange(start, start + T, device=x.device)[:, None]
-            mask, causal = torch.arange(S, device=x.device)[None, :] <= pos_q, False
+            mask, causal = cache.attention_mask(start, T, k.shape[2], x.device)
+        else:
+            mask, causal = None, T > 1
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -194,8 +200,9 @@ class MobileMoEForCausalLM(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def rope_tables(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = torch.arange(start, start + length, device=self.inv_freq.device, dtype=torch.float32)
+    def rope_tables(self, start: int | torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [length, D/2] for positions start.. (``start`` may be a [1] tensor, for torch.export)."""
+        pos = start + torch.arange(length, device=self.inv_freq.device, dtype=torch.float32)
         angles = pos[:, None] * self.inv_freq[None, :]
         return angles.cos(), angles.sin()
 

@@ -138,16 +138,33 @@ class RouterOutput:
     weights: torch.Tensor  # [N, k] fp32 combine weights (incl. routed_scaling_factor)
 
 
-def route(logits: torch.Tensor, expert_bias: torch.Tensor, cfg: MobileMoEConfig) -> RouterOutput:
-    """Choose top-k experts per token from fp32 router logits (see module docstring)."""
+def select_topk(selection: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [..., k] of the k largest entries of each row, best first, ties to the lower index."""
+    # A stable descending sort keeps equal scores in index order.
+    return torch.sort(selection, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def select_topk_static(selection: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`select_topk` from compares and sums only: ExecuTorch has no sort kernel, and its topk
+    (like torch.topk) leaves the order of ties unspecified. Costs [..., E, E] compares per row."""
+    idx = torch.arange(selection.shape[-1], device=selection.device)
+    mine, rival = selection.unsqueeze(-1), selection.unsqueeze(-2)  # [..., E, 1], [..., 1, E]
+    # rival j ranks before expert e when larger, or equal with a lower index
+    before = (rival > mine) | ((rival == mine) & (idx[None, :] < idx[:, None]))
+    rank = before.sum(-1)  # [..., E]: a permutation of 0..E-1 per row
+    slot = (rank.unsqueeze(-1) == torch.arange(k, device=selection.device)).long()  # [..., E, k]
+    return (slot * idx[:, None]).sum(-2)
+
+
+def route(logits: torch.Tensor, expert_bias: torch.Tensor, cfg: MobileMoEConfig,
+          select=select_topk) -> RouterOutput:
+    """Choose top-k experts per token from fp32 router logits (see module docstring).
+    ``select`` is :func:`select_topk` or an equal, export-friendly :func:`select_topk_static`."""
     if cfg.router_type == "sigmoid":
         scores = torch.sigmoid(logits)
     else:
         scores = torch.softmax(logits, dim=-1)
-    selection = scores + expert_bias.float()
-    # A stable descending sort keeps equal scores in index order: ties go to the lower index.
-    order = torch.sort(selection, dim=-1, descending=True, stable=True).indices
-    expert_ids = order[..., : cfg.num_experts_per_tok]
+    expert_ids = select(scores + expert_bias.float(), cfg.num_experts_per_tok)
     weights = scores.gather(-1, expert_ids)
     if cfg.norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -168,6 +185,7 @@ class MoEBlock(nn.Module):
         self.expert_bias = nn.Parameter(torch.zeros(E), requires_grad=False)
         self.experts = StackedExperts(E, H, cfg.intermediate_size)
         self.shared_expert = SwiGLU(H, cfg.intermediate_size_mlp) if cfg.num_shared_experts else None
+        self.select = select_topk  # the ExecuTorch export swaps in select_topk_static
 
     def router_logits(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 router logits for flattened hidden states [N, H]."""
@@ -176,7 +194,7 @@ class MoEBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         shape = x.shape
         h = x.reshape(-1, shape[-1])
-        routing = route(self.router_logits(h), self.expert_bias, self.cfg)
+        routing = route(self.router_logits(h), self.expert_bias, self.cfg, self.select)
         out = self.experts(h, routing.expert_ids, routing.weights)
         if self.shared_expert is not None:
             out = out + self.shared_expert(h)

@@ -33,12 +33,16 @@ def register(subparsers) -> None:
     gg.set_defaults(func=_gguf)
 
     et = sub.add_parser("executorch", help="an ExecuTorch .pte (XNNPACK, 8da4w)",
-                        description="torch.export -> XNNPACK partitioner -> .pte, static KV cache, dense "
-                                    "masked MoE dispatch, torchao 8da4w quantization by default.")
+                        description="torch.export -> XNNPACK partitioner -> .pte, built from the model's own "
+                                    "modules with a static KV cache; MoE: the chosen experts gathered per token "
+                                    "(fp32) or every expert as per-expert linears (8da4w, torchao's default here); "
+                                    "a `prefill` method for whole chunks and a one-token `forward`.")
     et.add_argument("ckpt", metavar="CKPT")
     et.add_argument("out", metavar="OUT.pte")
     et.add_argument("--max-seq-len", type=int, default=512, help="static KV cache length (default 512)")
     et.add_argument("--quantize", choices=["8da4w", "none"], default="8da4w")
+    et.add_argument("--prefill-chunk", type=int, default=None,
+                    help="tokens per prefill call (default: the exporter's PREFILL_CHUNK; 0: no prefill method)")
     et.set_defaults(func=_executorch)
 
     pr = sub.add_parser("patch-gguf-routers", help="replace the router tensors of a GGUF (ReMoE output)",
@@ -78,10 +82,14 @@ def _gguf(args: argparse.Namespace) -> int:
 
 
 def _executorch(args: argparse.Namespace) -> int:
-    from mobilemoe.export.executorch import export_executorch
+    from mobilemoe.errors import MobileMoEError
+    from mobilemoe.export.executorch import PREFILL_CHUNK, export_executorch
 
+    chunk = PREFILL_CHUNK if args.prefill_chunk is None else args.prefill_chunk
+    if chunk < 0 or chunk > args.max_seq_len:
+        raise MobileMoEError(f"--prefill-chunk: expected 0..--max-seq-len ({args.max_seq_len}), got {chunk}")
     out = export_executorch(args.ckpt, args.out, max_seq_len=args.max_seq_len,
-                            quantize=None if args.quantize == "none" else args.quantize)
+                            quantize=None if args.quantize == "none" else args.quantize, prefill_chunk=chunk)
     print(f"exported {args.ckpt} -> {out} (ExecuTorch XNNPACK, {args.quantize}, max_seq_len {args.max_seq_len})")
     return 0
 

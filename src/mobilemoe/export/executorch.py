@@ -1,35 +1,34 @@
 """MobileMoE -> ExecuTorch ``.pte`` (torch.export -> XNNPACK partitioner), optionally 8da4w.
 
-The exported program is :class:`StaticMobileMoE`, an export-friendly re-statement of the reference
-forward (same weights, same math):
+The exported program is the reference :class:`~mobilemoe.model.MobileMoEForCausalLM` itself with the
+few pieces that cannot be exported swapped for export-friendly ones (gpt-fast style); norms, RoPE,
+QK-norm, attention, routing math and SwiGLU run the model's own code:
 
-* ``forward(tokens [1, T] int64, input_pos [1] int64) -> logits [1, T, V]``. The module accepts any
-  T (and torch.export traces it with a dynamic T), but the ``.pte`` is exported with T = 1: with
-  executorch 1.5.1, ``to_edge_transform_and_lower`` (and ``to_edge().to_backend(XNNPACK)``)
-  specialise the dynamic length to the example's size, so a dynamic-T program rejects other lengths at
-  run time. Prefill therefore feeds the prompt one token per call (:class:`PteRunner`); decode is T = 1
-  anyway. A batched-prefill method is future work (e.g. ExecuTorch's custom SDPA/KV-cache ops).
-* Static KV cache: per layer ``k_cache`` / ``v_cache`` buffers [1, n_kv, max_seq_len, D], written
-  with ``index_copy_`` at ``input_pos + arange(T)``; attention runs over the whole cache with the mask
-  ``key_pos <= query_pos`` (which also hides the unwritten slots). The buffers are mutated in place
-  by the program, so the cache lives inside the loaded method between calls.
-* MoE dispatch without data-dependent shapes: the router, ``topk`` of (scores + expert_bias) and the
-  normalised, scaled weights are computed as usual, then scattered into a dense [N, E] weight matrix
-  (zeros for experts a token did not choose), and EVERY expert runs on every token, its output scaled
-  by that column. Trade-off: E/k times the routed-expert FLOPs (16/4 = 4x on the tiny preset, 60/4 =
-  15x on MobileMoE-S) for a static graph of plain ``nn.Linear`` ops that XNNPACK lowers and torchao
-  quantizes; the exact dispatch (argsort + per-expert slices, as in :mod:`mobilemoe.moe`) has
-  data-dependent shapes that torch.export cannot trace without custom ops. Decode (T = 1) is the
-  on-device hot path and is memory-bound: every expert's weights are read either way once E*k tokens
-  are batched, but at T = 1 the dense form reads all E experts' weights instead of k.
-* Experts are unstacked into per-expert ``nn.Linear`` modules (``gate_up`` H -> 2I, ``down``
-  I -> H) so torchao's 8da4w (int8 dynamic per-token activations, int4 symmetric group-32 weights)
-  and XNNPACK's linear kernels apply to them. Routers stay fp32 and unquantized (as in the
-  checkpoint format); the embedding lookup stays fp32.
+* KV cache -> :class:`StaticKVCache`: the model's ``KVCache`` interface over registered buffers
+  that the program mutates in place (``index_copy_`` at ``input_pos + arange(T)``), so the cache
+  lives inside the loaded method between calls. Attention runs over the whole cache with the mask
+  ``key_pos <= query_pos``, which also hides the unwritten slots.
+* Router top-k -> :func:`mobilemoe.moe.select_topk_static`: the same rule (ties to the lower
+  index) without a sort, which ExecuTorch has no kernel for.
+* Expert dispatch: the model groups tokens by expert (argsort + per-expert slices), whose shapes
+  depend on the data. Swapped for :class:`GatheredExperts` (fp32: gathers the k chosen experts'
+  weights per token and runs the model's expert SwiGLU on them as batched matmuls, so decode reads
+  k experts, not E) or :class:`DenseExperts` (8da4w: every expert as the model's ``SwiGLU`` of
+  ``nn.Linear`` layers, which torchao quantizes and XNNPACK lowers; each expert's output is scaled
+  by its combine weight, zero where a token did not choose it, so it costs E/k times the routed
+  FLOPs).
+* Tied output head -> an ``nn.Linear`` copy of the embedding, so 8da4w quantizes it while the
+  embedding lookup stays fp32. Routers stay fp32 and unquantized, as in the checkpoint format.
 
-8da4w re-quantizes the (exactly decoded) weights with torchao's own scales and also quantizes
-activations, so its logits differ from the eager fp32 model by quantization error; ``quantize=None``
-exports fp32 and matches the eager model to float rounding.
+``forward(tokens [1, T] int64, input_pos [1] int64) -> logits [1, T, V]`` accepts any T eagerly, but
+with executorch 1.5.1 lowering specialises a dynamic length to the example's size, so the ``.pte``
+holds fixed-length methods over one shared cache (``share_mutable_buffers``): ``forward`` (T = 1,
+decode) and, with ``prefill_chunk`` > 1, ``prefill`` (T = prefill_chunk). :class:`PteRunner` feeds a
+prompt in whole chunks, then the rest one token per call.
+
+8da4w (int8 dynamic per-token activations, int4 symmetric group-32 weights) re-quantizes the decoded
+weights with torchao's own scales, so its logits differ from the fp32 model by quantization error;
+``quantize=None`` exports fp32 and matches the eager model to float rounding.
 
 Tested with executorch 1.5.1 + torchao 0.18.0 (installed ``--no-deps``) beside torch 2.13.0; they
 need ``ruamel.yaml`` and ``flatbuffers`` at import.
@@ -37,20 +36,22 @@ need ``ruamel.yaml`` and ``flatbuffers`` at import.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mobilemoe.config import MobileMoEConfig
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.export.common import ExportError
+from mobilemoe.model import MobileMoEForCausalLM
+from mobilemoe.moe import MoEBlock, StackedExperts, SwiGLU, select_topk_static
+from mobilemoe.quant.int4 import GROUP_SIZE
+from mobilemoe.utils import atomic_path
 
 
-def _require():
+def _require() -> None:
     try:
         import executorch  # noqa: F401
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner  # noqa: F401
@@ -59,149 +60,115 @@ def _require():
                              "torchao==0.18.0 ruamel.yaml flatbuffers") from None
 
 
-def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+class StaticKVCache(nn.Module):
+    """:class:`mobilemoe.model.KVCache`'s interface with ``start`` a [1] tensor, over buffers
+    ``k_cache_{layer}`` / ``v_cache_{layer}`` [1, n_kv, max_len, D] that the program mutates."""
 
-
-class _Norm(nn.Module):
-    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+    def __init__(self, cfg: MobileMoEConfig, max_len: int) -> None:
         super().__init__()
-        self.weight = nn.Parameter(weight.detach().float().clone(), requires_grad=False)
-        self.eps = eps
+        self.max_len = max_len
+        shape = (1, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        for i in range(cfg.num_hidden_layers):
+            self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
 
-    def forward(self, x):
-        return _rms(x, self.eps) * self.weight
+    def update(self, layer: int, start: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = start + torch.arange(k.shape[2])
+        k_cache, v_cache = getattr(self, f"k_cache_{layer}"), getattr(self, f"v_cache_{layer}")
+        k_cache.index_copy_(2, positions, k)
+        v_cache.index_copy_(2, positions, v)
+        return k_cache, v_cache
+
+    def attention_mask(self, start: torch.Tensor, T: int, S: int, device: torch.device
+                       ) -> tuple[torch.Tensor, bool]:
+        # every query sees the keys up to its own position; later (maybe unwritten) slots are hidden
+        positions = start + torch.arange(T, device=device)
+        return torch.arange(S, device=device)[None, :] <= positions[:, None], False
+
+    def reset(self) -> None:
+        for buf in self.buffers():
+            buf.zero_()
 
 
-def _linear(w: torch.Tensor, b: torch.Tensor | None = None) -> nn.Linear:
-    lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
-    with torch.no_grad():
-        lin.weight.copy_(w.float())
-        if b is not None:
-            lin.bias.copy_(b.float())
-    lin.requires_grad_(False)
-    return lin
+class GatheredExperts(StackedExperts):
+    """The model's experts, dispatched by gathering each token's k chosen experts' weights: static
+    shapes, and only chosen experts are read. The gathered copies hold N*k experts, so this suits
+    decode (N = 1) and short prefill chunks."""
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        n_tokens, k = expert_ids.shape
+        gate_up, down = self.expert_weights()
+        flat = expert_ids.reshape(-1)
+        chosen_gate_up = gate_up.index_select(0, flat).unflatten(0, (n_tokens, k))  # [N, k, H, 2I]
+        chosen_down = down.index_select(0, flat).unflatten(0, (n_tokens, k))  # [N, k, I, H]
+        y = self._swiglu(x[:, None, None, :], chosen_gate_up, chosen_down).squeeze(-2)  # [N, k, H]
+        return (y * weights.unsqueeze(-1).to(x.dtype)).sum(1)
 
 
-class _SwiGLU(nn.Module):
-    def __init__(self, mod) -> None:
+class DenseExperts(nn.Module):
+    """The model's experts as per-expert :class:`SwiGLU` linears (quantizable), all run on every token."""
+
+    def __init__(self, experts: StackedExperts) -> None:
         super().__init__()
-        self.gate_proj, self.up_proj = _linear(mod.gate_proj.weight), _linear(mod.up_proj.weight)
-        self.down_proj = _linear(mod.down_proj.weight)
+        gate_up, down = experts.expert_weights()
+        E, H, width = gate_up.shape[0], gate_up.shape[1], experts.width
+        self.experts = nn.ModuleList(SwiGLU(H, width) for _ in range(E))
+        with torch.no_grad():
+            for e, mlp in enumerate(self.experts):  # y = x @ W (stacked) -> nn.Linear's [out, in]
+                mlp.gate_proj.weight.copy_(gate_up[e, :, :width].t())
+                mlp.up_proj.weight.copy_(gate_up[e, :, width:].t())
+                mlp.down_proj.weight.copy_(down[e].t())
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class _Expert(nn.Module):
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
-        super().__init__()
-        self.width = down.shape[0]
-        self.gate_up = _linear(gate_up.t())  # [H, 2I] (y = x @ W) -> Linear weight [2I, H]
-        self.down = _linear(down.t())
-
-    def forward(self, x):
-        gate, up = self.gate_up(x).split(self.width, dim=-1)
-        return self.down(F.silu(gate) * up)
-
-
-class _DenseMoE(nn.Module):
-    """Router + every expert on every token, masked by the dense top-k weight matrix."""
-
-    def __init__(self, cfg: MobileMoEConfig, block) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.router = _linear(block.router.weight)
-        self.register_buffer("expert_bias", block.expert_bias.detach().float().clone())
-        E = cfg.num_local_experts
-        self.experts = nn.ModuleList(_Expert(block.experts.gate_up_proj[e], block.experts.down_proj[e])
-                                     for e in range(E))
-        self.shared_expert = _SwiGLU(block.shared_expert) if block.shared_expert is not None else None
-
-    def forward(self, h):  # h [N, H]
-        logits = self.router(h)
-        scores = torch.sigmoid(logits) if self.cfg.router_type == "sigmoid" else torch.softmax(logits, -1)
-        _, ids = torch.topk(scores + self.expert_bias, self.cfg.num_experts_per_tok, dim=-1)
-        w = scores.gather(-1, ids)
-        if self.cfg.norm_topk_prob:
-            w = w / w.sum(-1, keepdim=True)
-        w = w * self.cfg.routed_scaling_factor
-        dense = torch.zeros_like(scores).scatter(-1, ids, w)  # [N, E]
-        out = self.shared_expert(h) if self.shared_expert is not None else torch.zeros_like(h)
-        for e, expert in enumerate(self.experts):
-            out = out + expert(h) * dense[:, e:e + 1]
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        dense = x.new_zeros(x.shape[0], len(self.experts)).scatter(-1, expert_ids, weights.to(x.dtype))
+        out = torch.zeros_like(x)
+        for e, mlp in enumerate(self.experts):
+            out = out + mlp(x) * dense[:, e:e + 1]
         return out
 
 
-class _Layer(nn.Module):
-    def __init__(self, cfg: MobileMoEConfig, i: int, layer, max_seq_len: int) -> None:
-        super().__init__()
-        self.cfg, self.i = cfg, i
-        a = layer.self_attn
-        self.nh, self.nkv, self.D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.input_layernorm = _Norm(layer.input_layernorm.weight, cfg.rms_norm_eps)
-        self.q_proj, self.k_proj = _linear(a.q_proj.weight, a.q_proj.bias), _linear(a.k_proj.weight, a.k_proj.bias)
-        self.v_proj, self.o_proj = _linear(a.v_proj.weight, a.v_proj.bias), _linear(a.o_proj.weight, a.o_proj.bias)
-        self.post_attention_layernorm = _Norm(layer.post_attention_layernorm.weight, cfg.rms_norm_eps)
-        self.ffn = _DenseMoE(cfg, layer.feed_forward) if layer.is_moe else _SwiGLU(layer.feed_forward)
-        self.is_moe = layer.is_moe
-        shape = (1, self.nkv, max_seq_len, self.D)
-        self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
+def _gathered(experts: StackedExperts) -> GatheredExperts:
+    E, H, two_width = experts.gate_up_proj.shape
+    with torch.device("meta"):
+        new = GatheredExperts(E, H, two_width // 2)
+    new.load_state_dict(experts.state_dict(), assign=True)
+    return new
 
-    def _rope(self, x, cos, sin):  # x [1, h, T, D]; adjacent pairs
-        x0, x1 = x[..., 0::2], x[..., 1::2]
-        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
 
-    def forward(self, x, cos, sin, positions, mask):
-        B, T, _ = x.shape
-        h = self.input_layernorm(x)
-        q = self.q_proj(h).view(B, T, self.nh, self.D).transpose(1, 2)
-        k = self.k_proj(h).view(B, T, self.nkv, self.D).transpose(1, 2)
-        v = self.v_proj(h).view(B, T, self.nkv, self.D).transpose(1, 2)
-        if self.cfg.uses_rope(self.i):
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-        if self.cfg.use_qk_norm:
-            q, k = _rms(q, self.cfg.rms_norm_eps), _rms(k, self.cfg.rms_norm_eps)
-        self.k_cache.index_copy_(2, positions, k)
-        self.v_cache.index_copy_(2, positions, v)
-        # GQA without repeat: query heads grouped per KV head [1, nkv, rep, T, D]; explicit softmax
-        # attention (the SDPA decomposition specialises the dynamic length during lowering).
-        rep = self.nh // self.nkv
-        q5 = q.view(B, self.nkv, rep, T, self.D)
-        scores = (q5 @ self.k_cache.unsqueeze(2).transpose(-1, -2)) * (1.0 / math.sqrt(self.D))
-        scores = scores.masked_fill(~mask, float("-inf"))  # [1, nkv, rep, T, S]
-        att = (torch.softmax(scores, dim=-1) @ self.v_cache.unsqueeze(2)).view(B, self.nh, T, self.D)
-        x = x + self.o_proj(att.transpose(1, 2).reshape(B, T, -1))
-        h = self.post_attention_layernorm(x)
-        if self.is_moe:
-            return x + self.ffn(h.reshape(-1, h.shape[-1])).reshape(h.shape)
-        return x + self.ffn(h)
+def swap_for_export(model: MobileMoEForCausalLM, experts: str = "gather") -> MobileMoEForCausalLM:
+    """In place: export-friendly top-k and expert dispatch (``"gather"`` or ``"dense"``), untied head."""
+    if experts not in ("gather", "dense"):
+        raise ExportError(f"unknown expert dispatch {experts!r}: choose gather or dense")
+    for layer in model.model.layers:
+        block = layer.feed_forward
+        if isinstance(block, MoEBlock):
+            block.select = select_topk_static
+            block.experts = _gathered(block.experts) if experts == "gather" else DenseExperts(block.experts)
+    if model.lm_head is None:  # its own nn.Linear, so that 8da4w quantizes the head (not the lookup)
+        weight = model.output_weight
+        model.lm_head = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        with torch.no_grad():
+            model.lm_head.weight.copy_(weight)
+    return model.requires_grad_(False)
 
 
 class StaticMobileMoE(nn.Module):
-    """Export-friendly MobileMoE: ``forward(tokens [1, T], input_pos [1]) -> logits [1, T, V]``."""
+    """Export entry point: ``forward(tokens [1, T], input_pos [1]) -> logits [1, T, V]`` over a
+    :func:`swap_for_export`-ed model and a :class:`StaticKVCache`."""
 
-    def __init__(self, model, max_seq_len: int) -> None:
+    def __init__(self, model: MobileMoEForCausalLM, max_seq_len: int) -> None:
         super().__init__()
-        cfg = model.config
-        self.cfg, self.max_seq_len = cfg, max_seq_len
-        self.embed = nn.Embedding.from_pretrained(model.model.embed_tokens.weight.detach().float().clone())
-        self.layers = nn.ModuleList(_Layer(cfg, i, layer, max_seq_len) for i, layer in enumerate(model.model.layers))
-        self.norm = _Norm(model.model.norm.weight, cfg.rms_norm_eps)
-        self.lm_head = _linear(model.output_weight)
-        self.register_buffer("inv_freq", model.inv_freq.detach().float().clone(), persistent=False)
+        self.model = model
+        self.cache = StaticKVCache(model.config, max_seq_len)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        T = tokens.shape[1]
-        positions = input_pos + torch.arange(T, dtype=torch.long)
-        angles = positions.float()[:, None] * self.inv_freq[None, :]
-        cos, sin = angles.cos(), angles.sin()
-        mask = torch.arange(self.max_seq_len)[None, :] <= positions[:, None]  # [T, S]
-        x = self.embed(tokens)
-        for layer in self.layers:
-            x = layer(x, cos, sin, positions, mask)
-        return self.lm_head(self.norm(x))
+        # MobileMoEForCausalLM.forward's body minus its Python-side checks and output dataclass
+        cos, sin = self.model.rope_tables(input_pos, tokens.shape[1])
+        x = self.model.model.embed_tokens(tokens)
+        for layer in self.model.model.layers:
+            x, _ = layer(x, cos, sin, input_pos, self.cache)
+        return self.model.lm_head(self.model.model.norm(x))
 
 
 def check_executorch(cfg: MobileMoEConfig) -> None:
@@ -211,16 +178,17 @@ def check_executorch(cfg: MobileMoEConfig) -> None:
                           "would make an impractically large graph")
 
 
-def build_static(ckpt: str | os.PathLike, max_seq_len: int = 256) -> StaticMobileMoE:
+def build_static(ckpt: str | os.PathLike, max_seq_len: int = 256, experts: str = "gather") -> StaticMobileMoE:
+    """Load ``ckpt`` in fp32 and wrap it for export (``experts``: see :func:`swap_for_export`)."""
     from mobilemoe.checkpoint import load_model
 
     model = load_model(ckpt, dtype=torch.float32).eval()
     check_executorch(model.config)
     max_seq_len = min(max_seq_len, model.config.max_position_embeddings)
-    return StaticMobileMoE(model, max_seq_len).eval()
+    return StaticMobileMoE(swap_for_export(model, experts), max_seq_len).eval()
 
 
-def quantize_8da4w(module: nn.Module, group_size: int = 32) -> None:
+def quantize_8da4w(module: nn.Module, group_size: int = GROUP_SIZE) -> None:
     """torchao 8da4w in place on every nn.Linear except routers (int8 dynamic activations, int4 group weights)."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerGroup
@@ -233,44 +201,50 @@ def quantize_8da4w(module: nn.Module, group_size: int = 32) -> None:
     quantize_(module, config, filter_fn=keep)
 
 
+PREFILL_CHUNK = 8  # tokens per prefill call; each extra method costs one more lowering at export
+
+
 def export_executorch(ckpt: str | os.PathLike, out: str | os.PathLike, max_seq_len: int = 256,
-                      quantize: str | None = "8da4w") -> Path:
-    """Write ``out`` (.pte) from a checkpoint: torch.export (T = 1) -> XNNPACK -> ExecuTorch.
-    ``quantize``: "8da4w" (torchao, int4 group-32 weights) or None / "none" (fp32)."""
+                      quantize: str | None = "8da4w", prefill_chunk: int = PREFILL_CHUNK) -> Path:
+    """Write ``out`` (.pte) from a checkpoint: torch.export -> XNNPACK -> ExecuTorch.
+    ``quantize``: "8da4w" (torchao, int4 group-32 weights, dense experts) or None / "none" (fp32,
+    gathered experts); ``prefill_chunk``: see :func:`export_module`."""
     _require()
     if quantize not in (None, "none", "8da4w"):
         raise ExportError(f"unknown ExecuTorch quantization {quantize!r}: choose 8da4w or none")
-    module = build_static(ckpt, max_seq_len)
+    # torchao quantizes nn.Linear modules only, so 8da4w needs the per-expert linears
+    module = build_static(ckpt, max_seq_len, experts="dense" if quantize == "8da4w" else "gather")
     if quantize == "8da4w":
         quantize_8da4w(module)
-    return export_module(module, out)
+    return export_module(module, out, min(prefill_chunk, module.cache.max_len))
 
 
-def export_module(module: StaticMobileMoE, out: str | os.PathLike) -> Path:
-    """torch.export (T = 1) -> XNNPACK -> ``out`` (.pte) for an already built (maybe quantized) module."""
+def export_module(module: StaticMobileMoE, out: str | os.PathLike, prefill_chunk: int = 0) -> Path:
+    """torch.export -> XNNPACK -> ``out`` (.pte) for an already built (maybe quantized) module:
+    method ``forward`` takes one token, ``prefill`` (when ``prefill_chunk`` > 1) that many."""
     _require()
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 
-    # The caches' current contents become the program's initial state: start from zeros even if the
+    # The cache's current contents become the program's initial state: start from zeros even if the
     # module was run eagerly before.
-    for layer in module.layers:
-        layer.k_cache.zero_()
-        layer.v_cache.zero_()
-    # One token per call (see the module docstring: a dynamic length gets specialised by lowering).
-    example = (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    module.cache.reset()
+    lengths = {"forward": 1, **({"prefill": prefill_chunk} if prefill_chunk > 1 else {})}
     with torch.no_grad():
-        ep = torch.export.export(module, example, strict=False)
-    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
-    # the caches start as zeros (not "meaningless"): masked slots must not hold NaN garbage
-    prog = edge.to_executorch(ExecutorchBackendConfig(passes=[InitializedMutableBufferPass(["k_cache", "v_cache"])]))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(prog.buffer)
-    os.replace(tmp, out)
-    return out
+        programs = {name: torch.export.export(module, (torch.zeros(1, T, dtype=torch.long),
+                                                       torch.zeros(1, dtype=torch.long)), strict=False)
+                    for name, T in lengths.items()}
+    edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()])
+    # the caches start as zeros (not "meaningless"): masked slots must not hold NaN garbage; and
+    # both methods read and write the same cache
+    prog = edge.to_executorch(ExecutorchBackendConfig(
+        passes=[InitializedMutableBufferPass(["k_cache", "v_cache"])],
+        memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True)))
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(prog.buffer)
+    return Path(out)
 
 
 class PteRunner:
@@ -282,12 +256,23 @@ class PteRunner:
 
         self.program = Runtime.get().load_program(Path(path))
         self.method = self.program.load_method("forward")
+        self.prefill, self.chunk = None, 1
+        if "prefill" in self.program.method_names:
+            self.prefill = self.program.load_method("prefill")
+            self.chunk = self.prefill.metadata.input_tensor_meta(0).sizes()[1]
+
+    def _run(self, method, tokens: list[int], pos: int) -> torch.Tensor:
+        out = method.execute([torch.tensor([tokens], dtype=torch.long), torch.tensor([pos], dtype=torch.long)])
+        return out[0][0]
 
     def step(self, token: int, pos: int) -> torch.Tensor:
         """Logits [V] after feeding ``token`` at position ``pos``."""
-        out = self.method.execute([torch.tensor([[token]], dtype=torch.long), torch.tensor([pos], dtype=torch.long)])
-        return out[0][0, -1]
+        return self._run(self.method, [token], pos)[-1]
 
     def __call__(self, tokens: list[int], start_pos: int) -> torch.Tensor:
-        """Logits [T, V] after each of ``tokens``, fed one at a time from ``start_pos``."""
-        return torch.stack([self.step(t, start_pos + i) for i, t in enumerate(tokens)])
+        """Logits [T, V] after each of ``tokens`` from ``start_pos``: whole prefill chunks, then one at a time."""
+        n_chunked = len(tokens) // self.chunk * self.chunk if self.prefill is not None else 0
+        parts = [self._run(self.prefill, tokens[i:i + self.chunk], start_pos + i)
+                 for i in range(0, n_chunked, self.chunk)]
+        parts += [self._run(self.method, [t], start_pos + i) for i, t in enumerate(tokens) if i >= n_chunked]
+        return torch.cat(parts) if parts else torch.empty(0)
