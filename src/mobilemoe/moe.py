@@ -100,13 +100,17 @@ class StackedExperts(nn.Module):
     def _grouped_forward(self, x_sorted: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor,
                          down: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(x_sorted)
-        offs = counts.cumsum(0).to(torch.int32)
+        rows, offs, dest = _group_layout(counts, x_sorted.shape[0], group_align_rows(x_sorted, dtype))
         with torch.autocast(device_type=x_sorted.device.type, enabled=False):
-            xs = self.activation(x_sorted.to(dtype))
+            xs = x_sorted.to(dtype)
+            if dest is not None:  # each group starts on an aligned row; padding rows are zero
+                xs = xs.new_zeros(rows, xs.shape[1]).index_copy(0, dest, xs)
+            xs = self.activation(xs)
             g_u = torch._grouped_mm(xs, gate_up.to(dtype), offs=offs)
             gate, up = g_u.split(self.width, dim=-1)
             hidden = self.activation((F.silu(gate) * up).contiguous())
-            return torch._grouped_mm(hidden, down.to(dtype), offs=offs)
+            y = torch._grouped_mm(hidden, down.to(dtype), offs=offs)
+            return y if dest is None else y.index_select(0, dest)
 
     def _looped_forward(self, x_sorted: torch.Tensor, counts: list[int], gate_up: torch.Tensor,
                         down: torch.Tensor) -> torch.Tensor:
@@ -122,6 +126,29 @@ class StackedExperts(nn.Module):
 
 
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+def group_align_rows(x: torch.Tensor, dtype: torch.dtype) -> int:
+    """Rows each expert group of a grouped GEMM must start on: on CUDA the weight-gradient GEMM of
+    the backward splits along tokens, and each group's start must be 16-byte aligned there."""
+    return 16 // dtype.itemsize if x.is_cuda else 1
+
+
+def _group_layout(counts: torch.Tensor, n_rows: int, align: int):
+    """(buffer rows, int32 group end offsets, destination row of each sorted row or None).
+
+    With ``align`` > 1 every group is padded to a multiple of ``align`` rows; the buffer has the fixed
+    bound ``n_rows + E * (align - 1)`` rows so no count has to reach the host.
+    """
+    if align == 1:
+        return n_rows, counts.cumsum(0).to(torch.int32), None
+    padded = (counts + align - 1) // align * align
+    offs = padded.cumsum(0)
+    group = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts,
+                                    output_size=n_rows)
+    rank = torch.arange(n_rows, device=counts.device) - (counts.cumsum(0) - counts)[group]
+    dest = (offs - padded)[group] + rank
+    return n_rows + counts.numel() * (align - 1), offs.to(torch.int32), dest
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -188,8 +215,10 @@ class MoEBlock(nn.Module):
         self.select = select_topk  # the ExecuTorch export swaps in select_topk_static
 
     def router_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """fp32 router logits for flattened hidden states [N, H]."""
-        return F.linear(h.float(), self.router.weight.float())
+        """fp32 router logits for flattened hidden states [N, H] (also under bf16 autocast, which would
+        otherwise run this linear in bf16 and blur the top-k)."""
+        with torch.autocast(h.device.type, enabled=False):
+            return F.linear(h.float(), self.router.weight.float())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         shape = x.shape

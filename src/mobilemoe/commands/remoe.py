@@ -19,6 +19,13 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 is fastest for tiny models)")
 
 
+def _device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where the model runs (default auto: CUDA when present; cuda without a GPU is refused)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="frozen weights and autocast dtype; routers stay fp32 (default float32)")
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "remoe", help="ReMoE: fine-tune only the routers for expert reuse; evaluate caching before/after",
@@ -49,6 +56,9 @@ def register(subparsers) -> None:
     t.add_argument("--lags", default="1,2,4,8,16", help="comma-separated lags d of L_lag")
     t.add_argument("--window", type=int, default=8, help="working-set window W")
     t.add_argument("--max-tokens", type=int, default=2_000_000, help="training tokens to read from --data")
+    _device_args(t)
+    t.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each decoder layer's activations in backward (less memory, ~1/3 more compute)")
     t.add_argument("--checkpoint-every", type=int, default=0)
     t.add_argument("--resume", action="store_true", help="continue from the newest OUT/checkpoints/step-N")
     t.add_argument("--save-model", action="store_true", help="also write the full model to OUT/model")
@@ -62,6 +72,7 @@ def register(subparsers) -> None:
     e.add_argument("--routers", default=None, help="or: a router delta to compare against --model")
     _data_args(e)
     e.add_argument("--windows", type=int, default=16, help="validation sequences")
+    _device_args(e)
     e.add_argument("--capacity", type=int, default=None, help="experts cached per layer (default: top-K)")
     e.add_argument("--compute-ms", type=float, default=0.0, help="compute time per token added to the TPOT")
     e.add_argument("--measure-disk", action="store_true", help="add this machine's disk (measured) to the profiles")
@@ -125,14 +136,17 @@ def run_train(args) -> int:
     from mobilemoe.commands.common import print_json
     from mobilemoe.remoe.adapters import load_adapter
     from mobilemoe.remoe.data import batches, token_array
-    from mobilemoe.remoe.train import RemoeTrainConfig, RemoeTrainer
+    from mobilemoe.remoe.train import DTYPES, RemoeTrainConfig, RemoeTrainer
+    from mobilemoe.train.gpu import resolve_device
 
-    adapter = load_adapter(args.model)
+    resolve_device(args.device)  # a missing GPU is refused before any model is loaded
+    adapter = load_adapter(args.model, dtype=DTYPES[args.dtype])  # the trainer then places it on --device
     seq = args.seq_len or 2048
     cfg = RemoeTrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, schedule=args.schedule,
                            grad_accum=args.grad_accum, batch_size=args.batch_size, seq_len=seq,
                            weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
-                           checkpoint_every=args.checkpoint_every, weights=_weights(args))
+                           checkpoint_every=args.checkpoint_every, weights=_weights(args), device=args.device,
+                           dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing)
     cfg.validate()
     vocab = adapter.model.config.vocab_size
     tokens = token_array(args.data, args.model, "train", args.max_tokens, vocab, args.seed, args.glob)
@@ -176,18 +190,26 @@ def run_eval(args) -> int:
     if args.measure_disk:
         prof = measure_local_disk()
         profiles[prof.name] = prof
-    base = load_adapter(args.model)
+    from mobilemoe.remoe.train import DTYPES
+    from mobilemoe.train.gpu import resolve_device
+
+    device, dtype = resolve_device(args.device), DTYPES[args.dtype]
+    if args.measure_tpot and device.type != "cpu":
+        raise MobileMoEError("--measure-tpot measures the native CPU INT4 runtime: use --device cpu")
+    base = load_adapter(args.model, dtype=dtype)  # a bf16 run never holds an fp32 copy of the weights
+    base.place(device, dtype)
     vocab = base.model.config.vocab_size
     tokens = token_array(args.data, args.model, "validation", seq * args.windows + 1, vocab, args.seed, args.glob)
-    windows = eval_windows(tokens, seq, args.windows)
+    windows = [w.to(device) for w in eval_windows(tokens, seq, args.windows)]
     results = {"before": evaluate(base, windows, args.capacity, profiles=profiles, compute_ms=args.compute_ms)}
     other = None
     if args.compare:
-        other = load_adapter(args.compare)
+        other = load_adapter(args.compare, dtype=dtype)
     elif args.routers:
-        other = load_adapter(args.model)
+        other = load_adapter(args.model, dtype=dtype)
         other.load_router_state(load_delta(args.routers)[0])
     if other is not None:
+        other.place(device, dtype)
         results["after"] = evaluate(other, windows, args.capacity, profiles=profiles, compute_ms=args.compute_ms)
     if args.measure_tpot:
         import tempfile

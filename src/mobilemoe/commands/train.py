@@ -31,6 +31,10 @@ def register(subparsers) -> None:
                             "directory already holds output is refused")
     p.add_argument("--max-steps", type=int, metavar="N",
                    help="override every stage's step count (the LR schedule spans N steps)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                   help="train on this device (overrides the stages' `device`, default auto: CUDA when present; "
+                        "on CUDA bf16 autocast, fused AdamW and compiled decoder layers follow the recipe's "
+                        "dtype/compile settings; cuda without a GPU is refused)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--json", action="store_true", help="print a JSON report per stage")
     p.set_defaults(func=run)
@@ -50,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     out = args.out or f"runs/{recipe.name}"
     reports = run_recipe(recipe, out, stage=args.stage, init=args.init, resume=args.resume, force=args.force,
-                         max_steps=args.max_steps, progress=not args.no_progress and not args.json)
+                         max_steps=args.max_steps, progress=not args.no_progress and not args.json,
+                         device=args.device)
     if not current().is_main:
         return 0
     if args.json:

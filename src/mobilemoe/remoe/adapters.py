@@ -75,6 +75,7 @@ class Adapter:
             raise AdapterError(self._describe("no MoE router modules found"))
         params = dict(model.named_parameters())
         self.ref_weights = [params[n].detach().float().clone() for n in names]
+        self.autocast_dtype: torch.dtype | None = None  # set by place(): the forward's autocast
 
     # ---- to implement
     def router_param_names(self) -> list[str]:
@@ -106,6 +107,40 @@ class Adapter:
         mt = getattr(cfg, "model_type", None)
         arch = getattr(cfg, "architectures", None)
         return f"{self.path or 'model'}: {what} (model_type={mt!r}, architectures={arch!r})"
+
+    # ---- device, dtype, checkpointing
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def place(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> None:
+        """Move the model to ``device`` with its frozen weights in ``dtype``. Routers (and selection
+        biases) stay fp32 master weights: a bf16 router would round away updates of lr-size
+        (5e-5 of a ~0.02 weight is below bf16's 2^-8 step). The forward then runs under autocast."""
+        keep = set(self.router_param_names())
+        self.model.to(device)
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                if p.is_floating_point():
+                    fp32 = name in keep or name.endswith(("expert_bias", "e_score_correction_bias"))
+                    p.data = p.data.to(torch.float32 if fp32 else dtype)
+        self.ref_weights = [w.to(device) for w in self.ref_weights]
+        self.autocast_dtype = None if dtype == torch.float32 else dtype
+
+    def autocast(self):
+        """The forward's mixed-precision context (a no-op in fp32)."""
+        import contextlib
+
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def decoder_layers(self) -> nn.ModuleList:
+        """The decoder layers (``model.model.layers`` in MobileMoE and every supported HF family)."""
+        layers = getattr(getattr(self.model, "model", None), "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise AdapterError(self._describe("no model.model.layers to checkpoint"))
+        return layers
 
     # ---- shared
     @property
@@ -206,7 +241,8 @@ class MobileMoEAdapter(Adapter):
         return Capture(x.reshape(-1, x.shape[-1]), routing.logits, routing.expert_ids)
 
     def _lm_logits(self, ids):
-        return self.model(ids).logits
+        with self.autocast():
+            return self.model(ids.to(self.device)).logits
 
     @property
     def top_k(self) -> int:
@@ -256,7 +292,8 @@ class HFAdapter(Adapter):
         return Capture(x.reshape(-1, x.shape[-1]), logits, idx)
 
     def _lm_logits(self, ids):
-        return self.model(input_ids=ids, use_cache=False).logits
+        with self.autocast():
+            return self.model(input_ids=ids.to(self.device), use_cache=False).logits
 
     @property
     def top_k(self) -> int:

@@ -33,6 +33,7 @@ from mobilemoe.utils import atomic_path, atomic_write_text
 
 DELTA_FORMAT = "mobilemoe-remoe-routers"
 DELTA_FILE = "routers.safetensors"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -53,8 +54,17 @@ class RemoeTrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     weights: LossWeights = field(default_factory=LossWeights)
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda
+    dtype: str = "float32"  # float32 | bfloat16: frozen weights and autocast; routers stay fp32
+    gradient_checkpointing: bool = False  # recompute each decoder layer in backward
 
     def validate(self) -> None:
+        from mobilemoe.train.gpu import DEVICES
+
+        if self.device not in DEVICES:
+            raise MobileMoEError(f"--device must be one of {DEVICES}, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise MobileMoEError(f"--dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.steps < 1 or self.grad_accum < 1 or self.batch_size < 1 or self.seq_len < 2:
             raise MobileMoEError(f"bad ReMoE settings: steps={self.steps}, grad_accum={self.grad_accum}, "
                                  f"batch_size={self.batch_size}, seq_len={self.seq_len}")
@@ -139,12 +149,19 @@ def _ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 class RemoeTrainer:
     def __init__(self, adapter: Adapter, cfg: RemoeTrainConfig, source, out_dir: str | Path | None = None,
                  progress: bool = True) -> None:
+        from mobilemoe.train.gpu import checkpoint_layers, fused_adamw_ok, resolve_device
+
         cfg.validate()
         self.adapter, self.cfg, self.source = adapter, cfg, source
         self.out = Path(out_dir) if out_dir is not None else None
         self.progress = progress
+        adapter.place(resolve_device(cfg.device), DTYPES[cfg.dtype])
+        if cfg.gradient_checkpointing:
+            checkpoint_layers(adapter.decoder_layers())
+        # only the routers require grad, so only they get gradients and AdamW state
         self.params = adapter.freeze_all_but_routers()
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                                     fused=fused_adamw_ok(self.params) or None)
         self.step = 0
 
     # ---- checkpoints
@@ -174,7 +191,7 @@ class RemoeTrainer:
             return False
         state, _ = load_delta(done[-1] / DELTA_FILE)
         self.adapter.load_router_state(state)
-        extra = torch.load(done[-1] / "state.pt", weights_only=True)  # tensors and plain values only: no pickled code
+        extra = torch.load(done[-1] / "state.pt", map_location="cpu", weights_only=True)  # tensors and plain values only: no pickled code
         self.opt.load_state_dict(extra["optimizer"])
         self.source.load_state_dict(extra["data"])
         self.step = int(extra["step"])
@@ -191,7 +208,7 @@ class RemoeTrainer:
         for _ in range(cfg.grad_accum):
             x, y = self.source.next_batch()
             fwd = self.adapter.forward(x)
-            terms = remoe_loss(_ce(fwd.logits, y), fwd.layers, cfg.weights, self.step)
+            terms = remoe_loss(_ce(fwd.logits, y.to(fwd.logits.device)), fwd.layers, cfg.weights, self.step)
             (terms.total / cfg.grad_accum).backward()
             for k, v in terms.parts.items():
                 sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum

@@ -25,12 +25,13 @@ def moe_blocks(model: nn.Module) -> list[MoEBlock]:
     return [m for m in model.modules() if isinstance(m, MoEBlock)]
 
 
-def expert_counts(router: Sequence[RouterOutput], num_experts: int) -> torch.Tensor:
-    """Tokens per expert per layer: int64 [L, E] (a token with top-k counts once for each of k)."""
+def expert_counts(router: Sequence[RouterOutput], num_experts: int, on_device: bool = False) -> torch.Tensor:
+    """Tokens per expert per layer: int64 [L, E] (a token with top-k counts once for each of k).
+    On CPU unless ``on_device`` (then where the router ran: no host sync on a GPU)."""
     if not router:
         return torch.zeros(0, num_experts, dtype=torch.long)
-    return torch.stack([torch.bincount(r.expert_ids.reshape(-1), minlength=num_experts)
-                        for r in router]).cpu()
+    counts = torch.stack([torch.bincount(r.expert_ids.reshape(-1), minlength=num_experts) for r in router])
+    return counts if on_device else counts.cpu()
 
 
 def router_z_loss(router: Sequence[RouterOutput]) -> torch.Tensor:
@@ -73,7 +74,10 @@ class AuxFreeBalancer:
     def observe(self, router: Sequence[RouterOutput]) -> None:
         """Add one micro-batch's routing decisions."""
         if self.blocks and router:
-            self.counts += expert_counts(router, self.num_experts)
+            counts = expert_counts(router, self.num_experts, on_device=True)
+            if self.counts.device != counts.device:
+                self.counts = self.counts.to(counts.device)
+            self.counts += counts
 
     def reset(self) -> None:
         self.counts.zero_()
@@ -86,8 +90,10 @@ class AuxFreeBalancer:
             device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
                 else torch.device("cpu")
             counts = counts.to(device)
-            dist.all_reduce(counts)  # int64 sum: exact, identical on every rank
-            counts = counts.cpu()
+            # ONE int64 all-reduce of every layer's counts per optimizer step (not per micro-batch):
+            # exact, so every rank applies the same bias update as a single process would
+            dist.all_reduce(counts)
+        counts = counts.cpu()
         if self.rate > 0 and self.blocks:
             c = counts.double()
             delta = self.rate * torch.sign(c.mean(dim=1, keepdim=True) - c)

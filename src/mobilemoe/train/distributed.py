@@ -48,12 +48,16 @@ def current() -> DistInfo:
     return DistInfo(device=device)
 
 
-def init_distributed(backend: str | None = None) -> DistInfo:
-    """Initialise the default process group from torchrun's env vars when ``WORLD_SIZE > 1``."""
+def init_distributed(backend: str | None = None, device: str = "auto") -> DistInfo:
+    """Initialise the default process group from torchrun's env vars when ``WORLD_SIZE > 1``.
+    ``device`` (auto | cpu | cuda) picks the backend: nccl for CUDA, gloo for CPU."""
+    from mobilemoe.train.gpu import resolve_device
+
+    on = resolve_device(device)  # "cuda" without a GPU fails here, before any process group exists
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         if backend is None:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            backend = "nccl" if on.type == "cuda" else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)

@@ -226,13 +226,21 @@ def _apply_qat(model, stage: StageSpec):
 # ---------------------------------------------------------------------- the chain
 def run_recipe(recipe: Recipe, out_dir: str | Path, stage: str | None = None, init: str | Path | None = None,
                resume: bool = False, max_steps: int | None = None, progress: bool = True,
-               force: bool = False) -> list[StageReport]:
-    """Run all stages of ``recipe`` (or only ``stage``) into ``out_dir``; see the module docstring."""
+               force: bool = False, device: str | None = None) -> list[StageReport]:
+    """Run all stages of ``recipe`` (or only ``stage``) into ``out_dir``; see the module docstring.
+    ``device`` (auto | cpu | cuda) overrides every stage's ``device`` (the ``--device`` flag)."""
     if resume and force:
         raise MobileMoEError("give at most one of --resume (continue) and --force (start over)")
     out = Path(out_dir)
-    info = init_distributed()
     selected = recipe.stages if stage is None else [recipe.stage(stage)]
+    if device is not None:
+        for s in selected:
+            s.device = device
+    devices = {s.device for s in selected}
+    if len(devices) > 1:  # one process group serves the whole chain
+        raise RecipeError(f"field 'stages[*].device': the stages run ask for different devices {sorted(devices)}; "
+                          "give them one device (or pass --device)")
+    info = init_distributed(device=devices.pop())
     # rank 0 holds the lock for the whole run (a second writer is refused before it looks at OUT)
     with output_lock(out, "train") if info.is_main else contextlib.nullcontext():
         barrier()

@@ -15,6 +15,10 @@ Per optimizer step:
 6. every ``eval_every`` steps validation loss/perplexity; every ``checkpoint_every`` steps an
    atomic checkpoint (model + optimizer + data-loader state + RNG states + NaN-skip count).
 
+Devices (:mod:`mobilemoe.train.gpu`): ``device`` auto | cpu | cuda; on CUDA autocast runs on the GPU,
+AdamW is fused and each decoder layer is compiled (``compile: auto``); ``activation_checkpointing``
+recomputes each decoder layer in backward. Both are applied per layer before DDP/FSDP2 wrapping.
+
 ``fit(resume=True)`` reloads the newest readable checkpoint in ``out_dir`` (a damaged one is skipped
 with a warning) and continues exactly: the same seed gives the same losses as an uninterrupted run.
 ``train_state.pt`` holds only tensors and plain Python values and is loaded with ``weights_only=True``.
@@ -95,6 +99,9 @@ class TrainConfig:
     progress: bool = True  # tqdm bar (main rank only)
     tensorboard: bool = True  # if the tensorboard package is importable
     save_dtype: str | None = None  # cast of the final model file (None keeps fp32)
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda
+    activation_checkpointing: bool = False  # recompute each decoder layer's activations in backward
+    compile: bool | str = "auto"  # torch.compile each decoder layer: auto = on CUDA only | true | false
 
     def validate(self) -> None:
         """Raise :class:`MobileMoEError` naming the first bad field (types, finiteness, bounds)."""
@@ -108,7 +115,13 @@ class TrainConfig:
             raise MobileMoEError(f"field 'strategy': expected one of {STRATEGIES}, got {self.strategy!r}")
         if self.save_dtype not in (None, *DTYPES):
             raise MobileMoEError(f"field 'save_dtype': expected one of {tuple(DTYPES)}, got {self.save_dtype!r}")
-        for name in ("progress", "tensorboard"):
+        from mobilemoe.train.gpu import DEVICES
+
+        if self.device not in DEVICES:
+            raise MobileMoEError(f"field 'device': expected one of {DEVICES}, got {self.device!r}")
+        if not (isinstance(self.compile, bool) or self.compile == "auto"):
+            raise MobileMoEError(f"field 'compile': expected true, false or 'auto', got {self.compile!r}")
+        for name in ("progress", "tensorboard", "activation_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise MobileMoEError(f"field '{name}': expected true/false, got {getattr(self, name)!r}")
         for name in _INT_FIELDS:
@@ -169,7 +182,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
         (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    from mobilemoe.train.gpu import fused_adamw_ok
+
+    fused = fused_adamw_ok(decay + no_decay) or None  # None: torch's default (foreach) off CUDA
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -230,6 +246,24 @@ def _json_safe(record: dict[str, Any]) -> dict[str, Any]:
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
+def _with_device(info: DistInfo, device: str) -> DistInfo:
+    """``info`` with the recipe's device applied: ``auto`` keeps what the process group chose;
+    ``cpu``/``cuda`` force it (``cuda`` without a GPU is one clear error)."""
+    from mobilemoe.train.gpu import resolve_device
+
+    if device == "auto":
+        return info
+    want = resolve_device(device)
+    if want.type == info.device.type:
+        return info
+    if want.type == "cuda":
+        want = torch.device("cuda", info.local_rank if info.enabled else torch.cuda.current_device())
+    if info.enabled:
+        raise TrainingError(f"device {device!r}: this process group runs on {info.device.type} "
+                            f"(backend {dist.get_backend()}); start it with the same --device")
+    return dataclasses.replace(info, device=want)
+
+
 class Trainer:
     """Train ``model`` on ``train_data``; optional ``val_data``; checkpoints/logs in ``out_dir``."""
 
@@ -239,13 +273,14 @@ class Trainer:
         cfg.validate()
         self.cfg = cfg
         self.raw_model = model  # unwrapped: config, checkpoints, balancer
-        self.dist = dist_info or current()
+        self.dist = _with_device(dist_info or current(), cfg.device)
         self.train_data, self.val_data = train_data, val_data
         self.val_start = val_data.state_dict() if val_data is not None else None
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.extra_state = extra_state or {}  # saved with every checkpoint (e.g. recipe/stage names)
         seed_everything(cfg.seed)
         model.to(self.dist.device)
+        self._prepare_layers(model)
         self.model = wrap_model(model, cfg.strategy if self.dist.enabled else "none", self.dist)
         self.optimizer = build_optimizer(self.model, cfg)
         self.balancer = AuxFreeBalancer(model, cfg.bias_update_rate)
@@ -254,6 +289,19 @@ class Trainer:
         self.nan_skips = 0
         self._tb = None
         self._backup: list[torch.Tensor] | None = None  # pre-step copy of weights + optimizer state
+
+    def _prepare_layers(self, model: nn.Module) -> None:
+        """Activation checkpointing, then torch.compile, per decoder layer (before any sharding, so
+        FSDP2's hooks wrap the checkpointed, compiled layer)."""
+        from mobilemoe.train.gpu import checkpoint_layers, compile_layers, want_compile
+
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        if layers is None:
+            return
+        if self.cfg.activation_checkpointing:
+            checkpoint_layers(layers)
+        if want_compile(self.cfg.compile, self.dist.device):
+            compile_layers(layers)
 
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False, stop_after: int | None = None) -> TrainResult:
@@ -323,7 +371,9 @@ class Trainer:
         n_loss_tokens = max(float(n_loss.item()), 1.0)
 
         # 2. forward/backward; DDP averages gradients over ranks, hence the world-size factor
-        stats = torch.zeros(4, dtype=torch.float64)  # ce_sum, z, lb, tokens
+        # ce_sum, z, lb, tokens: accumulated on the device, so a GPU step syncs with the host once,
+        # not after every micro-batch
+        stats = torch.zeros(4, dtype=torch.float64, device=self.dist.device)
         for i, (x, y) in enumerate(batches):
             x, y = x.to(self.dist.device), y.to(self.dist.device)
             last_micro = i == cfg.grad_accum - 1
@@ -339,11 +389,12 @@ class Trainer:
                     + (cfg.z_loss_coef * z + cfg.lb_loss_coef * lb) / cfg.grad_accum
                 loss.backward()
             self.balancer.observe(out.router)
-            stats += torch.tensor([ce_sum.item(), z.item() / cfg.grad_accum, lb.item() / cfg.grad_accum,
-                                   x.numel()], dtype=torch.float64)
+            stats[:3] += torch.stack([ce_sum.detach().double(), z.detach().double() / cfg.grad_accum,
+                                      lb.detach().double() / cfg.grad_accum])
+            stats[3] += x.numel()
 
         # 3. global metrics; NaN/inf anywhere skips the step on every rank
-        stats = all_reduce_sum(stats.to(self.dist.device)).cpu()
+        stats = all_reduce_sum(stats).cpu()
         ce = stats[0].item() / n_loss_tokens
         z_mean, lb_mean = stats[1].item() / self.dist.world_size, stats[2].item() / self.dist.world_size
         grad_norm = self._clip_grads()
