@@ -17,19 +17,24 @@ from pathlib import Path
 from mobilemoe.bench.moe_vs_dense import BenchConfig, plot, run
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The script's flags; every default comes from BenchConfig (shared with ``mobilemoe bench``)."""
+    d = BenchConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--moe", default="mobilemoe-s")
-    p.add_argument("--dense", default="mobilellm-pro-like")
-    p.add_argument("--contexts", default="256,1024,2048,4096")
-    # 5 x 64 tokens: 3 x 32 (~0.1 s of MoE-S decode each) left the medians at the mercy of this shared
-    # machine's bandwidth bursts (one sweep's three MoE-S samples at 256: 231 / 249 / 297 tok/s).
-    p.add_argument("--decode-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--moe", default=d.moe)
+    p.add_argument("--dense", default=d.dense)
+    p.add_argument("--contexts", default=",".join(map(str, d.contexts)))
+    p.add_argument("--decode-tokens", type=int, default=d.decode_tokens)
+    p.add_argument("--repeats", type=int, default=d.repeats)
+    p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--with-llama-cpp", action="store_true")
-    p.add_argument("--cache-dir", default="runs/bench-models")
+    p.add_argument("--cache-dir", default=d.cache_dir)
     p.add_argument("--out", default="runs/bench/moe_vs_dense.json")
+    return p
+
+
+def main() -> None:
+    p = build_parser()
     args = p.parse_args()
     cfg = BenchConfig(moe=args.moe, dense=args.dense, contexts=[int(c) for c in args.contexts.split(",")],
                       decode_tokens=args.decode_tokens, repeats=args.repeats, threads=args.threads,

@@ -4,8 +4,10 @@ import sys
 
 import pytest
 
+from mobilemoe.accounting import account
 from mobilemoe.cli import COMMAND_MODULES, build_parser, main
 from mobilemoe.config import preset
+from mobilemoe.model import MobileMoEForCausalLM
 
 
 def test_help_lists_every_command(capsys):
@@ -65,4 +67,8 @@ def test_demo_trains_quantizes_and_generates(capsys, tmp_path):
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "mobilemoe.cli", "info", "--preset", "tiny-moe", "--json"],
                          capture_output=True, text=True, check=True).stdout
-    assert json.loads(out)["accounting"]["total_params"] > 0
+    data = json.loads(out)
+    assert data["accounting"] == json.loads(json.dumps(account(preset("tiny-moe")).to_dict()))
+    # and the accounting's count is the model's own: every parameter of the built module, counted once
+    model = MobileMoEForCausalLM(preset("tiny-moe"))
+    assert data["accounting"]["total_params"] == sum(p.numel() for p in model.parameters())

@@ -21,6 +21,7 @@ from mobilemoe.quant import (
     quantize_state_dict,
     unpack_int4,
 )
+from mobilemoe.quant.qat import qat_weights
 
 FMT = INT4_QUANTIZATION_BLOCK["format"]
 
@@ -197,14 +198,25 @@ def test_quantized_logits_vs_float(float_ckpt, tmp_path):
     src, model = float_ckpt
     quantize_checkpoint(src, tmp_path / "int4")
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    loaded = load_model(tmp_path / "int4")
+    # The exact reference: the float model with every quantized tensor replaced by
+    # fake_quantize(w) = dequantize(quantize(w)) (norms stay ones, bf16-exact). The checkpoint
+    # must decode to exactly those values, so the logits agree to fp32 rounding.
+    deq = MobileMoEForCausalLM(model.config)
+    deq.load_state_dict({**model.state_dict(), **qat_weights(model)})
     with torch.no_grad():
         ref = model(ids).logits
-        exact = load_model(tmp_path / "int4")(ids).logits
-    rel = ((exact - ref).norm() / ref.norm()).item()
-    top1 = (exact.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    print(f"\nINT4 vs float logits (random-init tiny model): relative L2 error {rel:.4f} "
-          f"top-1 agreement {top1:.3f}")
-    assert rel < 0.3 and top1 > 0.5
+        exact = deq(ids).logits
+        got = loaded(ids).logits
+    torch.testing.assert_close(got, exact, rtol=0, atol=1e-5)
+    rel = ((got - ref).norm() / ref.norm()).item()
+    top1 = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    # The quantization error itself (a wrong decode is the exact check's job: swapped nibbles permute
+    # the hidden axis of the tied embedding and head alike and barely move these numbers). Measured
+    # on this seed: relative L2 error 0.173, top-1 agreement 1.000; the bounds leave ~20% for
+    # rounding across machines.
+    assert rel < 0.21, rel
+    assert top1 >= 0.95, top1
 
 
 # ---------------------------------------------------------------------- wrong formats

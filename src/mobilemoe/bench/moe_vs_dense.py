@@ -30,11 +30,16 @@ MOBILEMOE, LLAMA_CPP = "mobilemoe", "llama_cpp"
 
 @dataclass
 class BenchConfig:
+    """One sweep's settings. These defaults are the only ones: ``mobilemoe bench`` and
+    ``benchmarks/moe_vs_dense.py`` both read their CLI defaults from here."""
+
     moe: str = "mobilemoe-s"
     dense: str = "mobilellm-pro-like"
     contexts: list[int] = field(default_factory=lambda: [256, 1024, 2048, 4096])
-    decode_tokens: int = 32
-    repeats: int = 3
+    # 5 repeats x 64 steps: with 3 x 32 (a fraction of a second of MoE-S decode per sample) one
+    # bandwidth burst of a shared machine moved the median (BENCHMARKS.md, the runtime sweep).
+    decode_tokens: int = 64
+    repeats: int = 5
     threads: int = 2
     with_llama_cpp: bool = False
     backend: str = "auto"

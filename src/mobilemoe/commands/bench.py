@@ -8,21 +8,26 @@ from mobilemoe.commands.common import print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from mobilemoe.bench.moe_vs_dense import BenchConfig
+
     p = sub.add_parser("bench", help="MoE vs dense INT4 runtime benchmark (TTFT, prefill, decode, RSS)",
                        description="Random-initialised INT4 models of real presets, batch 1: TTFT, prefill and "
                                    "decode tok/s at each context, peak RSS, the accounting ceilings of each ratio "
                                    "and the DRAM roofline. Models alternate within one run; medians of repeats.")
-    p.add_argument("--moe", default="mobilemoe-s", help="MoE preset (default mobilemoe-s)")
-    p.add_argument("--dense", default="mobilellm-pro-like", help="dense preset (default mobilellm-pro-like)")
-    p.add_argument("--contexts", default="256,1024,2048,4096", help="comma-separated context lengths")
-    p.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed per context")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--backend", default="auto", choices=["auto", "native", "reference"])
+    d = BenchConfig()  # the one set of defaults, shared with benchmarks/moe_vs_dense.py
+    p.add_argument("--moe", default=d.moe, help=f"MoE preset (default {d.moe})")
+    p.add_argument("--dense", default=d.dense, help=f"dense preset (default {d.dense})")
+    p.add_argument("--contexts", default=",".join(map(str, d.contexts)), help="comma-separated context lengths")
+    p.add_argument("--decode-tokens", type=int, default=d.decode_tokens,
+                   help=f"decode steps timed per context (default {d.decode_tokens})")
+    p.add_argument("--repeats", type=int, default=d.repeats,
+                   help=f"repeats; medians are reported (default {d.repeats})")
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--backend", default=d.backend, choices=["auto", "native", "reference"])
     p.add_argument("--with-llama-cpp", action="store_true",
                    help="also time llama.cpp on Q4_0 GGUFs of the same shapes (installed by make setup), in its own "
                         "processes: a llama.cpp crash is reported as one line and the mobilemoe numbers still are")
-    p.add_argument("--cache-dir", default="runs/bench-models", help="where random models are written once")
+    p.add_argument("--cache-dir", default=d.cache_dir, help="where random models are written once")
     p.add_argument("--plot", default=None, help="write the figure to this PNG")
     p.add_argument("--json", action="store_true", help="print the full JSON report")
     p.set_defaults(func=run)

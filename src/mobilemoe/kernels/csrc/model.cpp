@@ -28,6 +28,7 @@
 #include <map>
 #include <numeric>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "flash_attn.h"
@@ -488,6 +489,27 @@ class NativeModel {
 
   int64_t num_layers() const { return (int64_t)layers.size(); }
 
+  // ---- test hooks: the pieces of the forward that restate model.py / moe.py, on given inputs ----
+  // Layer li's routing of h [T, H] fp32 under the current ISA decision -> (scores, ids, weights).
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> route_test(int64_t li, const at::Tensor& h) {
+    TORCH_CHECK(li >= 0 && li < num_layers() && layers[li].moe, "layer ", li, " is not a MoE layer");
+    TORCH_CHECK(h.dtype() == at::kFloat && h.dim() == 2 && h.size(0) > 0 && h.size(1) == H,
+                "h must be float32 [T, H]");
+    pick_paths();
+    return route(layers[li], h.contiguous());
+  }
+
+  // Layer li's RoPE + QK-norm of fused qkv rows [T, (nH + 2 nKV) D] at positions [start, start+T).
+  at::Tensor rope_qknorm_test(int64_t li, const at::Tensor& qkv, int64_t start) {
+    const int64_t W = (nH + 2 * nKV) * D;
+    TORCH_CHECK(li >= 0 && li < num_layers(), "no layer ", li);
+    TORCH_CHECK(qkv.dtype() == at::kFloat && qkv.dim() == 2 && qkv.size(1) == W, "qkv must be float32 [T, ", W, "]");
+    TORCH_CHECK(start >= 0 && start + qkv.size(0) <= max_len, "positions exceed the rope tables");
+    at::Tensor out = qkv.contiguous().clone();
+    for (int64_t t = 0; t < out.size(0); ++t) rope_qknorm_row(layers[li], out.data_ptr<float>() + t * W, start + t);
+    return out;
+  }
+
   void set_profiling(bool on) {
     prof.on = on;
     prof.seconds.clear();
@@ -579,6 +601,15 @@ class NativeModel {
     }
   }
 
+  // RoPE then weightless QK-norm on the q and k heads of one fused qkv row at position pos.
+  void rope_qknorm_row(const Layer& L, float* row, int64_t pos) const {
+    for (int64_t hd = 0; hd < nH + nKV; ++hd) {  // q heads then k heads
+      float* v = row + hd * D;
+      if (L.rope) rope_head(v, pos);
+      if (qk_norm) rms_norm_row(v, nullptr, v, D, eps);
+    }
+  }
+
   at::Tensor attention(size_t li, const at::Tensor& h, int64_t start) {
     const Layer& L = layers[li];
     const int64_t T = h.size(0), QO = nH * D, KO = nKV * D;
@@ -590,11 +621,7 @@ class NativeModel {
     for_rows(T, 16, [&](int64_t t) {
       float* row = p + t * (QO + 2 * KO);
       const int64_t pos = start + t;
-      for (int64_t hd = 0; hd < nH + nKV; ++hd) {  // q heads then k heads
-        float* v = row + hd * D;
-        if (L.rope) rope_head(v, pos);
-        if (qk_norm) rms_norm_row(v, nullptr, v, D, eps);
-      }
+      rope_qknorm_row(L, row, pos);
       for (int64_t g = 0; g < nKV; ++g) {
         std::copy(row + QO + g * D, row + QO + (g + 1) * D, kc + (g * max_len + pos) * D);
         std::copy(row + QO + KO + g * D, row + QO + KO + (g + 1) * D, vc + (g * max_len + pos) * D);
@@ -644,6 +671,18 @@ class NativeModel {
   }
 
   at::Tensor moe(Layer& L, const at::Tensor& h) {
+    auto [scores, ids, w] = route(L, h);
+    prof.stop("router");
+    if (record_routing) routing.push_back(ids.clone());
+    if (L.offloaded) return moe_offloaded(L, h, ids, w);
+    static const at::Tensor empty = at::empty({0, 0}, at::TensorOptions().dtype(at::kByte));
+    const bool shared = L.ffn_width > 0;
+    return mobilemoe_api::moe(h, ids, w, L.gu_codes, L.gu_scales, L.dn_codes, L.dn_scales, I,
+                              shared ? L.ffn_gu : empty, shared ? L.ffn_dn : empty, L.ffn_width);
+  }
+
+  // Router scores [T, E], chosen experts [T, K] and their combine weights [T, K] for h [T, H].
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> route(const Layer& L, const at::Tensor& h) const {
     const int64_t T = h.size(0);
     // fp32 router scores. One token: the router_rows kernel (ATen's dispatch costs more than the
     // 60 x H dots); more: row chunks as pool jobs with the ATen ops inline (see attention()).
@@ -678,13 +717,7 @@ class NativeModel {
         for (int64_t t = r0; t < r0 + n; ++t) select_topk(L, sp + t * E, ip + t * K, wp + t * K);
       });
     }
-    prof.stop("router");
-    if (record_routing) routing.push_back(ids.clone());
-    if (L.offloaded) return moe_offloaded(L, h, ids, w);
-    static const at::Tensor empty = at::empty({0, 0}, at::TensorOptions().dtype(at::kByte));
-    const bool shared = L.ffn_width > 0;
-    return mobilemoe_api::moe(h, ids, w, L.gu_codes, L.gu_scales, L.dn_codes, L.dn_scales, I,
-                              shared ? L.ffn_gu : empty, shared ? L.ffn_dn : empty, L.ffn_width);
+    return {scores, ids, w};
   }
 
   // One expert into a cache slot with one preadv of its record (four parts, straight into the slots).
@@ -840,7 +873,21 @@ at::Tensor prefill_attend_kv_head(const at::Tensor& q, const at::Tensor& k, cons
   return prefill_attention(q, 1, G, D, k.view({1, 1, start + T, D}), v.view({1, 1, start + T, D}), start, bf16);
 }
 
+// RMSNorm of each row of x [T, H] fp32 (times w [H] when w is non-empty): the forward's norm (test hook).
+at::Tensor rms_norm_rows(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2, "x must be float32 [T, H]");
+  const int64_t H = x.size(1);
+  TORCH_CHECK(w.numel() == 0 || (w.dtype() == at::kFloat && w.dim() == 1 && w.size(0) == H), "w must be float32 [H]");
+  at::Tensor xc = x.contiguous(), wc = w.contiguous(), y = at::empty_like(xc);
+  const float* wp = w.numel() ? wc.data_ptr<float>() : nullptr;
+  for (int64_t t = 0; t < x.size(0); ++t)
+    rms_norm_row(xc.data_ptr<float>() + t * H, wp, y.data_ptr<float>() + t * H, H, (float)eps);
+  return y;
+}
+
 void register_native_model(pybind11::module_& m) {
+  m.def("rms_norm_rows", &rms_norm_rows, "the native RMSNorm of each row (test hook)", pybind11::arg("x"),
+        pybind11::arg("w"), pybind11::arg("eps"));
   m.def("prefill_attend_kv_head", &prefill_attend_kv_head, "one KV head's causal prefill attention (test hook)",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("G"), pybind11::arg("start"),
         pybind11::arg("bf16"));
@@ -861,5 +908,7 @@ void register_native_model(pybind11::module_& m) {
       .def("offload_stats", &NativeModel::offload_stats)
       .def("reset_offload_stats", &NativeModel::reset_offload_stats)
       .def("set_record_routing", &NativeModel::set_record_routing)
-      .def("recorded_routing", &NativeModel::recorded_routing);
+      .def("recorded_routing", &NativeModel::recorded_routing)
+      .def("route_test", &NativeModel::route_test, "layer li's routing of h [T, H] (test hook)")
+      .def("rope_qknorm_test", &NativeModel::rope_qknorm_test, "layer li's RoPE + QK-norm of qkv rows (test hook)");
 }
