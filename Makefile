@@ -6,7 +6,7 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test setup clean
+.PHONY: run test test-arm setup clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest
+
+# The aarch64 kernel units under qemu-aarch64 (apt-get install g++-aarch64-linux-gnu qemu-user);
+# `make test` runs the same check through tests/kernels/test_arm_qemu.py and skips it without the tools.
+test-arm:
+	scripts/test_arm.sh
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

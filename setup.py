@@ -1,13 +1,14 @@
 """Build of the native CPU kernels ``mobilemoe._C`` (metadata lives in pyproject.toml).
 
-One torch extension, six translation units:
-  ops.cpp           torch glue, threading, runtime ISA dispatch (baseline flags)
+One torch extension, seven translation units:
+  ops.cpp           threading, the linear / MoE operators, bindings (baseline flags)
+  dispatch.cpp      the ISA registry and the one cached ISA decision (baseline flags)
   model.cpp         the whole-model INT4 forward (NativeModel) on those kernels
   isa_portable.cpp  plain C++ (any CPU)
   isa_avx2.cpp      -mavx2 -mfma -mf16c
   isa_avx512.cpp    -mavx512f -mavx512bw -mavx512vl -mavx512vnni
   isa_avx512bf16.cpp  -mavx512bf16 (prefill attention, flash_attn.h)
-(the x86 units only on x86-64). Each ISA unit is compiled with its own flags (``BuildExt`` below) and picked at run time with
+(the x86 units only on x86-64; isa_neon{,_dotprod,_i8mm}.cpp only on aarch64). Each ISA unit is compiled with its own flags (``BuildExt`` below) and picked at run time with
 ``__builtin_cpu_supports``, so the wheel builds and runs on a CPU without AVX-512.
 Install with ``pip install --no-build-isolation -e '.[dev]'`` (the CPU torch must be importable).
 """
@@ -26,6 +27,12 @@ if platform.machine().lower() in ("x86_64", "amd64"):  # elsewhere (e.g. aarch64
     ISA_UNITS["isa_avx2.cpp"] = ["-mavx2", "-mfma", "-mf16c"]
     ISA_UNITS["isa_avx512.cpp"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"]
     ISA_UNITS["isa_avx512bf16.cpp"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-mf16c"]
+elif platform.machine().lower() in ("aarch64", "arm64"):
+    # The baseline runs on Armv8.0 (Cortex-A53); i8mm is built for 8.2 + the feature, not 8.6, so
+    # Armv8.4 cores with i8mm (Neoverse V1) get no instruction they lack. Picked at run time.
+    ISA_UNITS["isa_neon.cpp"] = ["-march=armv8-a"]
+    ISA_UNITS["isa_neon_dotprod.cpp"] = ["-march=armv8.2-a+dotprod"]
+    ISA_UNITS["isa_neon_i8mm.cpp"] = ["-march=armv8.2-a+dotprod+i8mm"]
 
 
 class BuildExt(BuildExtension):
@@ -40,7 +47,7 @@ class BuildExt(BuildExtension):
                     output_dir=os.path.join(self.build_temp, "isa_" + os.path.splitext(unit)[0]),
                     include_dirs=[os.path.abspath(CSRC)],
                     extra_postargs=COMMON_FLAGS + ISA_STD + flags,
-                    depends=[os.path.join(CSRC, h) for h in ("mm_common.h", "flash_attn.h", "vec_math.h")],
+                    depends=[os.path.join(CSRC, h) for h in ("mm_common.h", "flash_attn.h", "vec_math.h", "neon_kernels.h")],
                 )
             ext.extra_objects = list(ext.extra_objects or []) + objects
         super().build_extension(ext)
@@ -50,11 +57,11 @@ setup(
     ext_modules=[
         CppExtension(
             name="mobilemoe._C",
-            sources=[os.path.join(CSRC, "ops.cpp"), os.path.join(CSRC, "model.cpp")],
+            sources=[os.path.join(CSRC, f) for f in ("ops.cpp", "dispatch.cpp", "model.cpp")],
             include_dirs=[os.path.abspath(CSRC)],
             extra_compile_args=COMMON_FLAGS,
             extra_link_args=["-fopenmp"],
-            depends=[os.path.join(CSRC, h) for h in ("mm_common.h", "isa_select.h", "ops_api.h")],
+            depends=[os.path.join(CSRC, h) for h in ("mm_common.h", "dispatch.h", "ops_api.h", "arm_features.h")],
         )
     ],
     cmdclass={"build_ext": BuildExt},

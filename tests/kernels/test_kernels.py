@@ -222,17 +222,21 @@ def test_isas_agree_with_each_other():
 
 
 def test_env_var_forces_isa(monkeypatch):
-    K.set_isa(None)
+    """MOBILEMOE_KERNEL_ISA is read at the first kernel call and again after set_isa(None)."""
     monkeypatch.setenv("MOBILEMOE_KERNEL_ISA", "portable")
+    K.set_isa(None)
     assert K.active_isa() == "portable"
     q, s = make_linear(32, 64, seed=4)
     x = torch.randn(2, 64)
     torch.testing.assert_close(K.PackedLinear.from_quantized(q, s)(x), R.linear_ref(q, s, q8_roundtrip(x)),
                                rtol=1e-4, atol=1e-4)
     monkeypatch.setenv("MOBILEMOE_KERNEL_ISA", "nonsense")
-    with pytest.raises(RuntimeError, match="unknown ISA"):
+    assert K.active_isa() == "portable"  # the decision is cached until set_isa drops it
+    K.set_isa(None)
+    with pytest.raises(RuntimeError, match="unknown ISA 'nonsense'"):
         K.PackedLinear.from_quantized(q, s)(x)
     monkeypatch.delenv("MOBILEMOE_KERNEL_ISA")
+    K.set_isa(None)
     assert K.active_isa() == K.available_isas()[0]
 
 

@@ -7,9 +7,10 @@ products in fp32 -- llama.cpp's Q4_0 x Q8_0 scheme. Results equal the dequantize
 references of :mod:`mobilemoe.kernels.reference` up to that activation rounding.
 
 ISA: picked at run time (best the CPU supports); forced by ``MOBILEMOE_KERNEL_ISA=avx512|avx2|portable``
-(read on every call) or :func:`set_isa` (takes precedence). That one decision governs every native
-kernel: these matmuls and also ``NativeModel``'s decode attention, router and BF16 prefill attention
-(re-read at each forward; ``NativeModel.kernel_paths()`` names the paths the last forward took). Threads: ``torch.set_num_threads``;
+(aarch64 builds: ``i8mm|dotprod|neon|portable``; read at the first kernel call and again after
+``set_isa(None)``) or :func:`set_isa` (takes precedence). The decision is cached (``dispatch.cpp``) and
+governs every native kernel: these matmuls and also ``NativeModel``'s decode attention, router and
+BF16 prefill attention (re-read at each forward; ``NativeModel.kernel_paths()`` names the paths the last forward took). Threads: ``torch.set_num_threads``;
 runner: the kernels' job pool, or ``MOBILEMOE_KERNEL_THREADING=omp`` for at::parallel_for (README.md).
 
 If the extension is not built, constructing packed weights still works, but calling a kernel raises

@@ -32,7 +32,7 @@
 #include <vector>
 
 #include "flash_attn.h"
-#include "isa_select.h"
+#include "dispatch.h"
 #include "ops_api.h"
 #include "vec_math.h"
 
@@ -223,7 +223,7 @@ AttendFn attend_avx512_for(int64_t G, int64_t D) {
 // portable use the portable attention and router.
 bool use_avx512() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  return mobilemoe_api::current_isa() == mobilemoe_api::Isa::avx512;
+  return mobilemoe_api::uses_avx512(mobilemoe_api::current_isa().isa);
 #else
   return false;
 #endif
@@ -388,10 +388,9 @@ class NativeModel {
   }
 
   // Pick this file's kernels from the current ISA decision. Called by every forward (an atomic
-  // load and a getenv), so set_isa() / MOBILEMOE_KERNEL_ISA after construction still govern them.
+  // load), so set_isa() after construction still governs them.
   void pick_paths() {
-    const auto isa = mobilemoe_api::current_isa();
-    isa_name = isa == mobilemoe_api::Isa::avx512 ? "avx512" : isa == mobilemoe_api::Isa::avx2 ? "avx2" : "portable";
+    isa_name = mobilemoe_api::current_isa().name;
     attend = pick_attend(D, nH / nKV);
     // MOBILEMOE_PREFILL_ATTENTION=sdpa keeps ATen's fp32 SDPA (to compare speed and logits).
     const char* pa = std::getenv("MOBILEMOE_PREFILL_ATTENTION");

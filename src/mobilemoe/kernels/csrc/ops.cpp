@@ -1,5 +1,5 @@
-// mobilemoe._C: runtime ISA dispatch, threading and the fused MoE operator.
-// The per-ISA math lives in isa_{portable,avx2,avx512}.cpp (see mm_common.h for the layout).
+// mobilemoe._C: threading, the linear and fused MoE operators, and the Python bindings.
+// The ISA decision lives in dispatch.cpp, the per-ISA math in isa_*.cpp (layout: mm_common.h).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -22,7 +22,7 @@
 #include <vector>
 
 #include "mm_common.h"
-#include "isa_select.h"
+#include "dispatch.h"
 #include "ops_api.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -37,62 +37,7 @@ namespace {
 constexpr int64_t TOKEN_CHUNK = 128;  // tokens per job: activations of a chunk stay in L2
 constexpr int64_t TILE_BLOCK = 4;    // 16-row tiles per linear job
 
-// set_isa(): 0 = none (MOBILEMOE_KERNEL_ISA or auto), 1 = avx512, 2 = avx2, 3 = portable
-std::atomic<int> g_forced{0};
-const char* const kIsaNames[] = {"", "avx512", "avx2", "portable"};
-
-bool cpu_supports(const std::string& isa) {
-  if (isa == "portable") return true;
-#if MOBILEMOE_X86
-  __builtin_cpu_init();
-  if (isa == "avx2")
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  if (isa == "avx512")
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
-           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#endif
-  return false;
-}
-
-bool known_isa(const std::string& isa) { return isa == "avx512" || isa == "avx2" || isa == "portable"; }
-
-const mm_kernels* table_for(const std::string& isa) {
-#if MOBILEMOE_X86
-  if (isa == "avx512") return &mm_kernels_avx512;
-  if (isa == "avx2") return &mm_kernels_avx2;
-#endif
-  if (isa == "portable") return &mm_kernels_portable;
-  return nullptr;
-}
-
-std::string best_isa() {
-  for (const char* isa : {"avx512", "avx2"})
-    if (cpu_supports(isa)) return isa;
-  return "portable";
-}
-
-std::string requested_isa() {
-  const int forced = g_forced.load(std::memory_order_relaxed);
-  if (forced) return kIsaNames[forced];
-  const char* env = std::getenv("MOBILEMOE_KERNEL_ISA");
-  if (env && *env && std::strcmp(env, "auto") != 0) return env;
-  return "";
-}
-
-// The one ISA decision of every kernel (ops.cpp's matmuls and model.cpp's attention/router, via
-// mobilemoe_api::current_isa): set_isa() > MOBILEMOE_KERNEL_ISA > best, validated on each call.
-std::string resolved_isa() {
-  std::string isa = requested_isa();
-  if (isa.empty()) isa = best_isa();
-  TORCH_CHECK(known_isa(isa), "mobilemoe kernels: unknown ISA '", isa,
-              "' (MOBILEMOE_KERNEL_ISA / set_isa accept avx512, avx2, portable, auto)");
-  TORCH_CHECK(table_for(isa) != nullptr && cpu_supports(isa), "mobilemoe kernels: ISA '", isa,
-              "' was forced but this CPU/build does not support it");
-  return isa;
-}
-
-const mm_kernels* kernels() { return table_for(resolved_isa()); }
+const mm_kernels* kernels() { return mobilemoe_api::current_isa().kernels; }
 
 inline void cpu_relax() {
 #if MOBILEMOE_X86
@@ -686,38 +631,12 @@ at::Tensor moe_forward(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   return out;
 }
 
-std::vector<std::string> available_isas() {
-  std::vector<std::string> r;
-  for (const char* isa : {"avx512", "avx2", "portable"})
-    if (cpu_supports(isa)) r.push_back(isa);
-  return r;
-}
-
-std::string active_isa() {
-  std::string isa = requested_isa();
-  return isa.empty() ? best_isa() : isa;
-}
-
-void set_isa(const std::string& isa) {
-  if (isa.empty() || isa == "auto") {
-    g_forced.store(0);
-    return;
-  }
-  TORCH_CHECK(known_isa(isa), "mobilemoe kernels: unknown ISA '", isa, "' (avx512, avx2, portable, auto)");
-  TORCH_CHECK(table_for(isa) != nullptr && cpu_supports(isa), "mobilemoe kernels: this CPU/build does not support ISA '",
-              isa, "'");
-  g_forced.store(isa == "avx512" ? 1 : isa == "avx2" ? 2 : 3);
-}
+std::string active_isa() { return mobilemoe_api::current_isa().name; }
 
 }  // namespace
 
 // Exported for model.cpp (see ops_api.h).
 namespace mobilemoe_api {
-Isa current_isa() {
-  const std::string isa = resolved_isa();
-  return isa == "avx512" ? Isa::avx512 : isa == "avx2" ? Isa::avx2 : Isa::portable;
-}
-
 at::Tensor swiglu(const at::Tensor& gu, int64_t W) {
   TORCH_CHECK(gu.dtype() == at::kFloat && gu.dim() == 2 && gu.size(1) == 2 * W && gu.is_contiguous(),
               "swiglu expects a contiguous float32 [M, 2W] tensor");
@@ -739,9 +658,9 @@ void parallel_jobs(int64_t njobs, const std::function<void(int64_t)>& fn) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mobilemoe native INT4 (mobilemoe-int4-g32) CPU kernels";
-  m.def("available_isas", &available_isas, "ISAs this CPU can run, best first");
+  m.def("available_isas", &mobilemoe_api::available_isas, "ISAs this CPU can run, best first");
   m.def("active_isa", &active_isa, "ISA the next call will use (set_isa > MOBILEMOE_KERNEL_ISA > best)");
-  m.def("set_isa", &set_isa, "force an ISA ('' or 'auto' = env var / best)");
+  m.def("set_isa", &mobilemoe_api::set_isa, "force an ISA ('' or 'auto' = env var / best; drops the cached choice)");
   m.def("linear_forward", &linear_forward, "y[M,N] = x[M,K] @ W.T on a packed linear weight");
   m.def("expert_forward", &expert_forward, "y[M,out] = x[M,in] @ W[e] on packed stacked experts");
   m.def("moe_forward", &moe_forward, "fused MoE layer (routed experts + optional shared SwiGLU)");
