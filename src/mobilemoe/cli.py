@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "train",
     "eval",
     "plan",
+    "decide",
     "sweep",
     "remoe",
     "export",  # also registers `import` (mobilemoe/commands/import_.py)
