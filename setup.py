@@ -8,6 +8,7 @@ One torch extension, seven translation units:
   isa_avx2.cpp      -mavx2 -mfma -mf16c
   isa_avx512.cpp    -mavx512f -mavx512bw -mavx512vl -mavx512vnni
   isa_avx512bf16.cpp  -mavx512bf16 (prefill attention, flash_attn.h)
+  isa_amx.cpp       + -mamx-tile -mamx-int8 (prefill GEMMs on AMX tiles where the OS grants them)
 (the x86 units only on x86-64; isa_neon{,_dotprod,_i8mm}.cpp only on aarch64). Each ISA unit is compiled with its own flags (``BuildExt`` below) and picked at run time with
 ``__builtin_cpu_supports``, so the wheel builds and runs on a CPU without AVX-512.
 Install with ``pip install --no-build-isolation -e '.[dev]'`` (the CPU torch must be importable).
@@ -26,6 +27,7 @@ ISA_UNITS = {"isa_portable.cpp": []}
 if platform.machine().lower() in ("x86_64", "amd64"):  # elsewhere (e.g. aarch64) only the portable unit
     ISA_UNITS["isa_avx2.cpp"] = ["-mavx2", "-mfma", "-mf16c"]
     ISA_UNITS["isa_avx512.cpp"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"]
+    ISA_UNITS["isa_amx.cpp"] = ISA_UNITS["isa_avx512.cpp"] + ["-mamx-tile", "-mamx-int8"]
     ISA_UNITS["isa_avx512bf16.cpp"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-mf16c"]
 elif platform.machine().lower() in ("aarch64", "arm64"):
     # The baseline runs on Armv8.0 (Cortex-A53); i8mm is built for 8.2 + the feature, not 8.6, so
@@ -47,7 +49,7 @@ class BuildExt(BuildExtension):
                     output_dir=os.path.join(self.build_temp, "isa_" + os.path.splitext(unit)[0]),
                     include_dirs=[os.path.abspath(CSRC)],
                     extra_postargs=COMMON_FLAGS + ISA_STD + flags,
-                    depends=[os.path.join(CSRC, h) for h in ("mm_common.h", "flash_attn.h", "vec_math.h", "neon_kernels.h")],
+                    depends=[os.path.join(CSRC, h) for h in ("mm_common.h", "flash_attn.h", "vec_math.h", "neon_kernels.h", "amx.h")],
                 )
             ext.extra_objects = list(ext.extra_objects or []) + objects
         super().build_extension(ext)
@@ -61,7 +63,7 @@ setup(
             include_dirs=[os.path.abspath(CSRC)],
             extra_compile_args=COMMON_FLAGS,
             extra_link_args=["-fopenmp"],
-            depends=[os.path.join(CSRC, h) for h in ("mm_common.h", "dispatch.h", "ops_api.h", "arm_features.h")],
+            depends=[os.path.join(CSRC, h) for h in ("mm_common.h", "dispatch.h", "ops_api.h", "arm_features.h", "amx.h")],
         )
     ],
     cmdclass={"build_ext": BuildExt},

@@ -13,7 +13,7 @@ from mobilemoe.runtime import Engine, native
 
 pytestmark = pytest.mark.skipif(not native.is_available(), reason="mobilemoe._C is not built")
 
-ISAS = ["portable", "avx2", "avx512"]
+ISAS = ["portable", "avx2", "avx512", "amx"]
 IDS = torch.randint(0, 512, (13,), generator=torch.Generator().manual_seed(0)).tolist()
 PREFILL = 9  # then 4 decode steps
 
@@ -64,8 +64,8 @@ def _bf16_prefill_possible(D=32):
 def test_every_path_follows_set_isa(ckpt, isa):
     _supported(isa)
     _, paths = _run(ckpt, isa)
-    fast = "avx512" if isa == "avx512" else "portable"
-    bf16 = isa == "avx512" and _bf16_prefill_possible()
+    fast = "avx512" if isa in ("avx512", "amx") else "portable"  # amx: avx512 with AMX prefill GEMMs
+    bf16 = fast == "avx512" and _bf16_prefill_possible()
     assert paths == {"isa": isa, "attention": fast, "router": fast,
                      "prefill_attention": "avx512bf16" if bf16 else "sdpa"}
 

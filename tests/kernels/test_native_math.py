@@ -81,7 +81,7 @@ def _check_route(backend, model, li, h, isa):
     assert torch.equal(ids, want.expert_ids), (ids, want.expert_ids)
     torch.testing.assert_close(weights, want.weights, rtol=1e-5, atol=1e-6)
     router = backend.model.kernel_paths()["router"]
-    assert router == ("avx512" if isa == "avx512" else "portable")
+    assert router == ("avx512" if isa in ("avx512", "amx") else "portable")  # amx: avx512 + AMX GEMMs
 
 
 @pytest.mark.parametrize("T", [1, 5])  # one token: the router_rows kernels; more: ATen scores

@@ -22,7 +22,7 @@ from typing import Any
 
 from mobilemoe import accounting
 from mobilemoe.bench.llamacpp import LlamaCppCrash, exit_description
-from mobilemoe.config import preset
+from mobilemoe.config import PRESETS, MobileMoEConfig, preset
 from mobilemoe.errors import MobileMoEError
 
 MOBILEMOE, LLAMA_CPP = "mobilemoe", "llama_cpp"
@@ -47,6 +47,25 @@ class BenchConfig:
     seed: int = 0
 
 
+def model_config(name: str) -> MobileMoEConfig:
+    """A preset's config, or (a name that is no preset) the config.json of that checkpoint directory,
+    so a sweep can time a real checkpoint (``python -m mobilemoe.bench.device --model CKPT``)."""
+    if name in PRESETS:
+        return preset(name)
+    if not (Path(name) / "config.json").is_file():
+        return preset(name)  # raises the unknown-preset error, which lists the presets
+    return MobileMoEConfig.from_json(Path(name) / "config.json")
+
+
+def _kernel_info(engine) -> dict[str, Any]:
+    """Which backend and kernel ISA this worker's model runs on (read in the worker: it is what ran)."""
+    from mobilemoe import kernels
+
+    backend = type(engine.backend).__name__
+    native = backend == "NativeBackend" and kernels.is_available()
+    return {"backend": backend, "kernel_isa": kernels.active_isa() if native else None}
+
+
 # ---------------------------------------------------------------------- workers
 def _worker(conn, runtime: str, path: str, max_ctx: int, threads: int, backend: str, seed: int) -> None:
     """Load one model, then answer ("measure", ctx, n) / ("rss",) / ("stop",) requests."""
@@ -65,6 +84,7 @@ def _worker(conn, runtime: str, path: str, max_ctx: int, threads: int, backend: 
 
             engine = Engine.load(path, max_seq_len=max_ctx, backend=backend)
             vocab = engine.config.vocab_size
+            kernel_info = _kernel_info(engine)
 
             def measure(ctx: int, n: int) -> tuple[float, float]:
                 ids = rng.integers(0, vocab, ctx).tolist()
@@ -81,13 +101,15 @@ def _worker(conn, runtime: str, path: str, max_ctx: int, threads: int, backend: 
             from mobilemoe.bench.llamacpp import LlamaCppModel
 
             model = LlamaCppModel(path, n_ctx=max_ctx, threads=threads, seed=seed)
+            kernel_info = {"backend": "llama.cpp", "kernel_isa": None}
 
             def measure(ctx: int, n: int) -> tuple[float, float]:
                 model.clear()
                 ttft = model.prefill(model.random_ids(ctx))
                 return ttft, model.decode(n)
         rng = np.random.default_rng(seed)
-        conn.send(("ready", {"rss_before_load": rss_before_load, "rss_after_load": peak_rss_bytes()}))
+        conn.send(("ready", {"rss_before_load": rss_before_load, "rss_after_load": peak_rss_bytes(),
+                             "kernels": kernel_info}))
     except Exception as exc:  # report load failures to the parent instead of dying silently
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
@@ -114,6 +136,7 @@ class Worker:
         self.proc.start()
         child.close()  # the parent's copy would keep the pipe open after the worker dies
         self.load_info = self._ask(None, "ready", "loading")
+        self.kernel_info = self.load_info.pop("kernels")
 
     def _ask(self, msg: tuple | None, kind: str, doing: str) -> Any:
         """Send ``msg`` (None: nothing), return the payload of the ``kind`` answer."""
@@ -148,12 +171,19 @@ class Worker:
 
 # ---------------------------------------------------------------------- model files
 def prepare_models(cfg: BenchConfig) -> dict[tuple[str, str], Path]:
-    """Random INT4 checkpoints (and GGUFs with --with-llama-cpp), cached under cache_dir."""
+    """Random INT4 checkpoints (and GGUFs with --with-llama-cpp), cached under cache_dir; a name that
+    is a checkpoint directory rather than a preset is timed as it is."""
     from mobilemoe.bench.random_int4 import write_random_int4_checkpoint
 
     root = Path(cfg.cache_dir)
     paths = {}
     for role, name in (("moe", cfg.moe), ("dense", cfg.dense)):
+        if name not in PRESETS:
+            model_config(name)  # a clear error for a name that is neither a preset nor a checkpoint
+            if cfg.with_llama_cpp:
+                raise MobileMoEError(f"{name}: --with-llama-cpp times random GGUFs of presets, not a checkpoint")
+            paths[(role, MOBILEMOE)] = Path(name)
+            continue
         paths[(role, MOBILEMOE)] = write_random_int4_checkpoint(preset(name), root / f"{name}-int4", cfg.seed)
         if cfg.with_llama_cpp:
             from mobilemoe.bench.gguf_random import write_random_gguf
@@ -168,7 +198,7 @@ def prepare_models(cfg: BenchConfig) -> dict[tuple[str, str], Path]:
 # ---------------------------------------------------------------------- analysis
 def ceilings(cfg: BenchConfig, ctx: int, kv_dtype_bytes: int = 2) -> dict[str, float]:
     """Ratios the accounting allows: decode by bytes read per token, prefill by FLOPs."""
-    moe, dense = preset(cfg.moe), preset(cfg.dense)
+    moe, dense = model_config(cfg.moe), model_config(cfg.dense)
 
     def decode_bytes(c):
         return accounting.decode_weight_bytes_per_token(c) + accounting.kv_cache_bytes(c, ctx, kv_dtype_bytes)
@@ -218,12 +248,14 @@ def flat_keys(report: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- driver
-def run(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
+def run(cfg: BenchConfig, progress: bool = True, bandwidth_bytes: int | None = None) -> dict[str, Any]:
+    """The sweep. ``bandwidth_bytes``: working set of the DRAM read probe (None: its 1 GiB default;
+    a quick run passes less)."""
     from tqdm import tqdm
 
     from mobilemoe.bench.system import dram_read_bandwidth_gbs, machine_info
 
-    bandwidth = dram_read_bandwidth_gbs()
+    bandwidth = dram_read_bandwidth_gbs() if bandwidth_bytes is None else dram_read_bandwidth_gbs(bandwidth_bytes)
     paths = prepare_models(cfg)
     max_ctx = max(cfg.contexts) + cfg.decode_tokens + 8
     workers: dict[tuple[str, str], Worker] = {}
@@ -273,6 +305,7 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
                     raise
                 drop_llama_cpp(exc)
         load_info = {f"{k[0]}/{k[1]}": w.load_info for k, w in workers.items()}
+        kernel_info = {f"{k[0]}/{k[1]}": w.kernel_info for k, w in workers.items()}
     finally:
         for w in workers.values():
             w.stop()
@@ -284,11 +317,12 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         **flat,
         "by_runtime": report,
         "load_rss": load_info,
+        "kernels": kernel_info,
         "dram_read_gbs": bandwidth,
         "bench_config": asdict(cfg),
         "machine": machine_info(),
-        "int4_bytes": {cfg.moe: accounting.weight_bytes(preset(cfg.moe)),
-                       cfg.dense: accounting.weight_bytes(preset(cfg.dense))},
+        "int4_bytes": {cfg.moe: accounting.weight_bytes(model_config(cfg.moe)),
+                       cfg.dense: accounting.weight_bytes(model_config(cfg.dense))},
         "samples": {f"{k[0]}/{k[1]}": {str(c): v for c, v in s.items()} for k, s in samples.items()},
     }
 

@@ -6,7 +6,7 @@ quantized on the fly to int8 per block of 32 (Q8_0-style) and multiplied with in
 products in fp32 -- llama.cpp's Q4_0 x Q8_0 scheme. Results equal the dequantize-then-matmul
 references of :mod:`mobilemoe.kernels.reference` up to that activation rounding.
 
-ISA: picked at run time (best the CPU supports); forced by ``MOBILEMOE_KERNEL_ISA=avx512|avx2|portable``
+ISA: picked at run time (best the CPU supports); forced by ``MOBILEMOE_KERNEL_ISA=amx|avx512|avx2|portable``
 (aarch64 builds: ``i8mm|dotprod|neon|portable``; read at the first kernel call and again after
 ``set_isa(None)``) or :func:`set_isa` (takes precedence). The decision is cached (``dispatch.cpp``) and
 governs every native kernel: these matmuls and also ``NativeModel``'s decode attention, router and
@@ -68,7 +68,7 @@ def active_isa() -> str:
 
 
 def set_isa(isa: str | None) -> None:
-    """Force 'avx512' | 'avx2' | 'portable' for every kernel (matmuls, NativeModel's attention and
+    """Force 'amx' | 'avx512' | 'avx2' | 'portable' (aarch64: 'i8mm' | 'dotprod' | 'neon' | 'portable') for every kernel (matmuls, NativeModel's attention and
     router); None/'auto' returns to env var / auto-detection."""
     _lib().set_isa("" if isa is None else isa)
 

@@ -7,6 +7,9 @@
 #include <cstdlib>
 #include <cstring>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include "amx.h"
+#endif
 #if defined(__aarch64__)
 #include "arm_features.h"
 #endif
@@ -25,6 +28,9 @@ bool avx512_supported() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
          __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
+// AMX needs the CPU (CPUID, XCR0) and the kernel's permission for the tile state (arch_prctl,
+// requested once); where either is missing the avx512 entry below is the best.
+bool amx_supported() { return avx512_supported() && mm_amx_cpu_has() && mm_amx_enable(); }
 #endif
 bool always_supported() { return true; }
 
@@ -36,6 +42,7 @@ struct Entry {
 // Best first: with nothing forced, the first supported entry wins.
 const Entry kRegistry[] = {
 #if defined(__x86_64__) || defined(_M_X64)
+    {{Isa::amx, "amx", &mm_kernels_amx}, amx_supported},
     {{Isa::avx512, "avx512", &mm_kernels_avx512}, avx512_supported},
     {{Isa::avx2, "avx2", &mm_kernels_avx2}, avx2_supported},
 #endif

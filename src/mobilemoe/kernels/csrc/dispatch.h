@@ -8,7 +8,7 @@
 #include "mm_common.h"
 
 namespace mobilemoe_api {
-enum class Isa { avx512, avx2, i8mm, dotprod, neon, portable };
+enum class Isa { amx, avx512, avx2, i8mm, dotprod, neon, portable };
 
 struct IsaChoice {
   Isa isa;
@@ -25,6 +25,7 @@ const IsaChoice& current_isa();
 void set_isa(const std::string& name);
 // The ISAs this CPU and build can run, best first.
 std::vector<std::string> available_isas();
-// Whether the AVX-512 versions of model.cpp's attention and router kernels apply.
-inline bool uses_avx512(Isa isa) { return isa == Isa::avx512; }
+// Whether the AVX-512 versions of model.cpp's attention and router kernels apply (amx is avx512
+// with the prefill GEMMs on AMX tiles).
+inline bool uses_avx512(Isa isa) { return isa == Isa::amx || isa == Isa::avx512; }
 }  // namespace mobilemoe_api

@@ -208,48 +208,25 @@ inline void tile_kernel(const uint8_t* wt, int64_t nkb, const int8_t* q, const f
   }
 }
 
+// Tokens j0 .. j0+mb-1 against one tile, on the register-blocked kernel for mb rows.
 template <bool WS>
-void gemm_t(const uint8_t* W, int64_t tile_stride, int64_t nkb, int64_t t0, int64_t t1,
-            const int8_t* q, const float* d, const int32_t* s, int64_t m, float* out, int64_t ldo,
-            int64_t n_valid) {
-  const int64_t K = nkb * MM_QK;
-  const int MBMAX = 8;
-  if (m == 1) mm_prefetch_lookahead(W + t0 * tile_stride);
-  for (int64_t t = t0; t < t1; ++t) {
-    const uint8_t* wt = W + t * tile_stride;
-    int64_t rem = n_valid - t * MM_TILE;
-    const int n_store = rem >= MM_TILE ? MM_TILE : (int)rem;
-    if (n_store <= 0) continue;
-    for (int64_t j0 = 0; j0 < m; j0 += MBMAX) {  // the tile stays in L1/L2 across token groups
-      const int64_t mb = m - j0 < MBMAX ? m - j0 : MBMAX;
-      const int8_t* qj = q + j0 * K;
-      const float* dj = d + j0 * nkb;
-      const int32_t* sj = s + j0 * nkb;
-      float* oj = out + j0 * ldo + t * MM_TILE;
-#define MM_TK(n) tile_kernel<n, WS>(wt, nkb, qj, dj, sj, oj, ldo, n_store)
-      switch (mb) {
-        case 1: MM_TK(1); break;
-        case 2: MM_TK(2); break;
-        case 3: MM_TK(3); break;
-        case 4: MM_TK(4); break;
-        case 5: MM_TK(5); break;
-        case 6: MM_TK(6); break;
-        case 7: MM_TK(7); break;
-        default: MM_TK(8); break;
-      }
-#undef MM_TK
-    }
+void tile_group(int64_t mb, const uint8_t* wt, int64_t nkb, const int8_t* q, const float* d, const int32_t* s,
+                float* out, int64_t ldo, int n_store) {
+#define MM_TK(n) tile_kernel<n, WS>(wt, nkb, q, d, s, out, ldo, n_store)
+  switch (mb) {
+    case 1: MM_TK(1); break;
+    case 2: MM_TK(2); break;
+    case 3: MM_TK(3); break;
+    case 4: MM_TK(4); break;
+    case 5: MM_TK(5); break;
+    case 6: MM_TK(6); break;
+    case 7: MM_TK(7); break;
+    default: MM_TK(8); break;
   }
+#undef MM_TK
 }
 
-void gemm(const uint8_t* W, int64_t tile_stride, int64_t nkb, int wscaled, int64_t t0, int64_t t1,
-          const int8_t* q, const float* d, const int32_t* s, int64_t m, float* out, int64_t ldo,
-          int64_t n_valid) {
-  if (wscaled)
-    gemm_t<true>(W, tile_stride, nkb, t0, t1, q, d, s, m, out, ldo, n_valid);
-  else
-    gemm_t<false>(W, tile_stride, nkb, t0, t1, q, d, s, m, out, ldo, n_valid);
-}
+MM_DEFINE_GEMM(8)
 
 void silu_mul(const float* g, const float* u, float* out, int64_t n) {
   const __m512 one = _mm512_set1_ps(1.f);

@@ -66,6 +66,37 @@ static inline void mm_prefetch_lookahead(const uint8_t* start) {
   for (int64_t o = 0; o < MM_PREFETCH_BLOCKS * MM_BLOCK_BYTES; o += 64) __builtin_prefetch(start + o, 0, 3);
 }
 
+// The tile loop every SIMD unit's gemm entry shares: tiles t in [t0, t1), tokens in groups of up
+// to MBMAX per tile (the tile stays in L1/L2 across groups), each group on the unit's own
+// tile_group<WS>(mb, ...), WS = linear weights with row scales. A macro so that it expands inside
+// the unit's anonymous namespace and compiles with the unit's -m flags (see the note at the top).
+#define MM_DEFINE_GEMM(MBMAX)                                                                          \
+  template <bool WS>                                                                                   \
+  void gemm_t(const uint8_t* W, int64_t tile_stride, int64_t nkb, int64_t t0, int64_t t1,              \
+              const int8_t* q, const float* d, const int32_t* s, int64_t m, float* out, int64_t ldo,   \
+              int64_t n_valid) {                                                                       \
+    const int64_t K = nkb * MM_QK;                                                                     \
+    if (m == 1) mm_prefetch_lookahead(W + t0 * tile_stride);                                           \
+    for (int64_t t = t0; t < t1; ++t) {                                                                \
+      const int64_t rem = n_valid - t * MM_TILE;                                                       \
+      if (rem <= 0) continue;                                                                          \
+      const int n_store = rem >= MM_TILE ? MM_TILE : (int)rem;                                         \
+      for (int64_t j0 = 0; j0 < m; j0 += (MBMAX)) {                                                    \
+        const int64_t mb = m - j0 < (MBMAX) ? m - j0 : (MBMAX);                                        \
+        tile_group<WS>(mb, W + t * tile_stride, nkb, q + j0 * K, d + j0 * nkb, s + j0 * nkb,           \
+                       out + j0 * ldo + t * MM_TILE, ldo, n_store);                                    \
+      }                                                                                                \
+    }                                                                                                  \
+  }                                                                                                    \
+  void gemm(const uint8_t* W, int64_t tile_stride, int64_t nkb, int wscaled, int64_t t0, int64_t t1,   \
+            const int8_t* q, const float* d, const int32_t* s, int64_t m, float* out, int64_t ldo,     \
+            int64_t n_valid) {                                                                         \
+    if (wscaled)                                                                                       \
+      gemm_t<true>(W, tile_stride, nkb, t0, t1, q, d, s, m, out, ldo, n_valid);                        \
+    else                                                                                               \
+      gemm_t<false>(W, tile_stride, nkb, t0, t1, q, d, s, m, out, ldo, n_valid);                       \
+  }
+
 extern const mm_kernels mm_kernels_portable;
 #if defined(__x86_64__) || defined(_M_X64)
 extern const mm_kernels mm_kernels_avx2;    // built only on x86-64 (see setup.py)
