@@ -1,20 +1,24 @@
-"""llama.cpp vs the mobilemoe Engine on the SAME model, in one run.
+"""Every GGUF type of one INT4 checkpoint against the exact INT4 float forward, beside the native runtime.
 
-Builds a random-weight INT4 checkpoint of a preset (or takes ``--ckpt``), exports it with
-``mobilemoe export gguf`` (default ``--type q4_0``: attention / shared expert / embedding codes copied
-exactly, routed experts re-quantized along their input axis), then times
+Builds a random-weight INT4 checkpoint of a preset in the released layout (or takes ``--ckpt``),
+exports it with ``mobilemoe export gguf`` for each ``--types`` entry, and reports per type:
 
-* llama.cpp (llama-cpp-python, low-level API, architecture exaone-moe): prefill of ``--prompt`` random
-  tokens and decode of ``--gen`` tokens (median of ``--reps``), and
-* ``mobilemoe.runtime.Engine.load(ckpt).generate`` (native INT4 backend when built, else reference):
-  its measured prefill (TTFT) and decode tok/s over the same lengths, greedy.
+* size: GGUF bytes / the INT4 checkpoint's bytes (its safetensors files),
+* fidelity: llama.cpp's logits (f32 KV cache, one token per step) against ``load_model(ckpt)``'s exact
+  float forward of the same INT4 weights: mean KL(ref || llama.cpp) and top-1 agreement over the first
+  16 and over all ``--seqs`` x ``--seq-len`` positions (random token ids),
+* speed: llama.cpp's prefill / decode tok/s (median of ``--reps``, llama.cpp's default KV cache).
+
+The same fidelity and speed are measured for ``mobilemoe.runtime.Engine`` (native INT4 backend when
+built, else reference): the bar the default ``int4`` type is held to.
 
 llama.cpp runs in a child process: if it fails or crashes (e.g. SIGILL on a CPU feature its build
-assumed), ``"llama_cpp"`` is ``{"error": "..."}`` and the mobilemoe numbers are still reported.
-Prints one JSON object. Numbers on a shared 2-core machine are noisy.
+assumed), that type's entry is ``{"error": "..."}`` and the other numbers are still reported.
+Prints one JSON object. Timings on a shared 2-core machine are noisy.
 
 Usage: python benchmarks/export_llamacpp.py [--preset tiny-moe|mobilemoe-s|...] [--ckpt DIR]
-           [--type q4_0|q8_0|f16] [--prompt 64] [--gen 32] [--threads 2] [--reps 3] [--workdir DIR]
+           [--types int4,f16,q8_0,q4_0] [--seqs 2] [--seq-len 512] [--prompt 64] [--gen 32]
+           [--threads 2] [--reps 3] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -26,12 +30,93 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
+
+def ckpt_bytes(ckpt: Path) -> int:
+    return sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
+
+
+def fidelity(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    """Mean KL(softmax(ref) || softmax(got)) and top-1 agreement over rows of [N, V] logits."""
+    ref, got = ref.astype(np.float64), got.astype(np.float64)
+    lp = ref - np.logaddexp.reduce(ref, axis=-1, keepdims=True)
+    lq = got - np.logaddexp.reduce(got, axis=-1, keepdims=True)
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    agree = ref.argmax(-1) == got.argmax(-1)
+    return {"kl": float(kl.mean()), "top1": float(agree.mean()), "top1_16": float(agree[:16].mean()),
+            "positions": int(len(agree))}
+
+
+def reference_logits(ckpt: Path, seqs: list[list[int]]) -> np.ndarray:
+    import torch
+
+    from mobilemoe.checkpoint import load_model
+
+    model = load_model(ckpt).eval()
+    with torch.no_grad():
+        return np.concatenate([model(torch.tensor([s])).logits[0].float().numpy() for s in seqs])
+
+
+def engine_logits(engine, seqs: list[list[int]]) -> np.ndarray:
+    rows = []
+    for s in seqs:
+        engine.reset()
+        rows += [engine.decode(t).float().numpy() for t in s]
+    return np.stack(rows)
+
+
+def measure_type(ckpt: Path, work: Path, gtype: str, seqs, ref, args) -> dict:
+    from mobilemoe.bench.llamacpp import run_in_child, time_prefill_decode
+    from mobilemoe.errors import MobileMoEError
+    from mobilemoe.export.gguf import export_gguf
+    from mobilemoe.export.llamacpp_logits import llama_logits
+
+    path = work / f"model-{gtype}.gguf"
+    t0 = time.perf_counter()
+    report = export_gguf(ckpt, path, gtype)
+    row = {"bytes": path.stat().st_size, "size_x": round(path.stat().st_size / ckpt_bytes(ckpt), 3),
+           "export_s": round(time.perf_counter() - t0, 2), "exact_q4_0_tensors": len(report.exact_q4_0),
+           "requantized_tensors": len(report.requantized)}
+    try:
+        got = np.concatenate([llama_logits(path, s, n_ctx=len(s) + 8)[0] for s in seqs])
+        row.update(fidelity(ref, got))
+        row.update({k: round(v, 1) for k, v in run_in_child(
+            time_prefill_decode, str(path), args.prompt, args.gen, args.reps, args.threads,
+            what=f"timing {path.name}").items()})
+    except MobileMoEError as exc:  # one line in the report; the other types still count
+        row["error"] = str(exc)
+    return row
+
+
+def measure_engine(ckpt: Path, seqs, ref, args) -> dict:
+    import torch
+
+    from mobilemoe.runtime import Engine
+
+    engine = Engine.load(ckpt, max_seq_len=max(len(seqs[0]), args.prompt + args.gen) + 8)
+    row = {"backend": type(engine.backend).__name__, "size_x": 1.0}
+    row.update(fidelity(ref, engine_logits(engine, seqs)))
+    gen = torch.Generator().manual_seed(0)
+    ttft, dtoks = [], []
+    for _ in range(args.reps):
+        engine.reset()
+        ids = torch.randint(0, engine.config.vocab_size, (args.prompt,), generator=gen).tolist()
+        res = engine.generate(ids, max_new_tokens=args.gen)
+        ttft.append(res.ttft_s)
+        dtoks.append(res.decode_tok_s)
+    row.update(prefill_tok_s=round(args.prompt / statistics.median(ttft), 1),
+               decode_tok_s=round(statistics.median(dtoks), 1))
+    return row
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny-moe")
-    ap.add_argument("--ckpt", default=None, help="an existing checkpoint (skips the random one)")
-    ap.add_argument("--type", default="q4_0", choices=["f32", "f16", "q8_0", "q4_0"])
+    ap.add_argument("--ckpt", default=None, help="an existing INT4 checkpoint (skips the random one)")
+    ap.add_argument("--types", default="int4,f16,q8_0,q4_0", help="comma-separated GGUF types")
+    ap.add_argument("--seqs", type=int, default=2, help="random sequences for the fidelity measurement")
+    ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
@@ -41,55 +126,22 @@ def main() -> None:
 
     import torch
 
-    from mobilemoe.bench.llamacpp import run_in_child, time_prefill_decode
-    from mobilemoe.bench.random_int4 import random_int4_tensors
-    from mobilemoe.checkpoint import save_tensors
-    from mobilemoe.config import preset
-    from mobilemoe.errors import MobileMoEError
-    from mobilemoe.export.gguf import export_gguf
-    from mobilemoe.runtime import Engine
+    from mobilemoe.bench.random_int4 import write_random_int4_checkpoint
+    from mobilemoe.config import MobileMoEConfig, preset
 
     torch.set_num_threads(args.threads)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="export_llamacpp_"))
-    if args.ckpt:
-        ckpt = Path(args.ckpt)
-    else:
-        ckpt = work / f"{args.preset}-int4"
-        if not (ckpt / "config.json").exists():
-            qcfg, tensors = random_int4_tensors(preset(args.preset))
-            save_tensors(tensors, qcfg, ckpt)
-            del tensors
-    t0 = time.perf_counter()
-    gguf_path = work / f"model-{args.type}.gguf"
-    report = export_gguf(ckpt, gguf_path, args.type)
-    export_s = time.perf_counter() - t0
-
-    n_ctx = args.prompt + args.gen + 8
-    try:
-        llama = {k: round(v, 1) for k, v in run_in_child(
-            time_prefill_decode, str(gguf_path), args.prompt, args.gen, args.reps, args.threads,
-            what=f"timing {gguf_path.name}").items()}
-    except MobileMoEError as exc:  # one line in the report; the mobilemoe numbers below still count
-        llama = {"error": str(exc)}
-
-    engine = Engine.load(ckpt, max_seq_len=n_ctx)
-    gen = torch.Generator().manual_seed(0)
-    vocab = engine.config.vocab_size
-    ttft, dtoks = [], []
-    for _ in range(args.reps):
-        ids = torch.randint(0, vocab, (args.prompt,), generator=gen).tolist()
-        res = engine.generate(ids, max_new_tokens=args.gen)
-        ttft.append(res.ttft_s)
-        dtoks.append(res.decode_tok_s)
-    ours = {"backend": type(engine.backend).__name__, "prefill_tok_s": args.prompt / statistics.median(ttft),
-            "decode_tok_s": statistics.median(dtoks)}
-    print(json.dumps({"preset": None if args.ckpt else args.preset, "ckpt": str(ckpt), "gguf": str(gguf_path),
-                      "gguf_type": args.type, "gguf_bytes": gguf_path.stat().st_size, "export_s": round(export_s, 2),
-                      "exact_q4_0_tensors": len(report.exact_q4_0), "requantized_tensors": len(report.requantized),
-                      "prompt": args.prompt, "gen": args.gen, "threads": args.threads,
-                      "llama_cpp": llama,
-                      "mobilemoe_engine": {k: (round(v, 1) if isinstance(v, float) else v) for k, v in ours.items()}},
-                     indent=2))
+    ckpt = Path(args.ckpt) if args.ckpt else write_random_int4_checkpoint(
+        preset(args.preset), work / f"{args.preset}-int4")
+    vocab = MobileMoEConfig.from_json(ckpt / "config.json").vocab_size
+    gen = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, vocab, (args.seq_len,), generator=gen).tolist() for _ in range(args.seqs)]
+    ref = reference_logits(ckpt, seqs)
+    result = {"preset": None if args.ckpt else args.preset, "ckpt": str(ckpt), "ckpt_bytes": ckpt_bytes(ckpt),
+              "positions": len(ref), "prompt": args.prompt, "gen": args.gen, "threads": args.threads,
+              "mobilemoe_engine": measure_engine(ckpt, seqs, ref, args),
+              "gguf": {t: measure_type(ckpt, work, t, seqs, ref, args) for t in args.types.split(",")}}
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

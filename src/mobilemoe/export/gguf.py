@@ -50,14 +50,18 @@ Candidates rejected: ``deepseek2`` (MLA attention), ``dots1`` / ``glm4moe`` / ``
 width to the routed one), ``llama4`` (top-1 sigmoid weighting before the expert, no selection bias),
 ``qwen2moe``/``qwen3moe`` (softmax routers, gated shared expert).
 
-Quantization types (``--type``): ``f32`` (bit-exact weights, for verification), ``f16`` (norms,
-routers, biases, rope factors are always f32), ``q8_0`` and ``q4_0``. From an INT4
-(``mobilemoe-int4-g32``) checkpoint, Q4_0 of the attention, shared-expert, dense-FFN and embedding
-matrices is *exact*: our codes are Q4_0's ``q - 8`` with the
-same signed fp16 scale per 32 inputs; only the nibble order inside a block differs (Q4_0 keeps element
-j in the low nibble of byte j and element j+16 in the high nibble) and is reordered here. The routed
-experts are grouped along their *output* axis in our format but GGUF blocks run along the input axis,
-so their Q4_0 is a re-quantization of the exactly decoded weights (the only lossy step).
+Quantization types (``--type``): ``int4`` (the default for INT4 checkpoints), ``f32`` (bit-exact
+weights, for verification), ``f16`` (the default for float checkpoints; norms, routers, biases, rope
+factors are always f32), ``q8_0`` and ``q4_0``. From an INT4 (``mobilemoe-int4-g32``) checkpoint, Q4_0
+of the attention, shared-expert, dense-FFN and embedding matrices is *exact*: our codes are Q4_0's
+``q - 8`` with the same signed fp16 scale per 32 inputs; only the nibble order inside a block differs
+(Q4_0 keeps element j in the low nibble of byte j and element j+16 in the high nibble) and is
+reordered here. The routed experts are grouped along their *output* axis in our format but GGUF blocks
+run along the input axis, so no 4-bit GGUF block holds them exactly: ``q4_0`` re-quantizes them
+(4-8% RMS weight error), ``int4`` writes them as Q8_0 of their exactly decoded values (0.4-0.5% RMS,
+below the Q8_0 rounding llama.cpp applies to every activation anyway) and keeps everything else
+code-exact Q4_0: ~1.7x the checkpoint, as close to the INT4 forward as the native runtime (measured
+numbers: ``src/mobilemoe/export/README.md``).
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ from mobilemoe.formats import GROUP_SIZE, SCALE_DTYPE, unpack_int4
 from mobilemoe.quant.int4 import dequantize
 
 ARCH = "exaone-moe"
-TYPES = ("f32", "f16", "q8_0", "q4_0")
+TYPES = ("int4", "f32", "f16", "q8_0", "q4_0")
 TARGET = f"GGUF (llama.cpp '{ARCH}')"
 # ggml's block_q4_0: one fp16 scale, then 32 values as 16 bytes of nibbles (q = code + 8). Its block
 # equals our INT4 group, which is why linear-layout tensors copy into Q4_0 code for code.
@@ -243,21 +247,33 @@ def _tokenizer_fields(path: Path, cfg: MobileMoEConfig) -> dict | None:
 
 
 # ---------------------------------------------------------------------- export
-def export_gguf(ckpt: str | os.PathLike, out: str | os.PathLike, type: str = "f16") -> GGUFExportReport:
-    """Write ``out`` (a GGUF for llama.cpp's ``exaone-moe``) from a mobilemoe checkpoint directory."""
+def default_type(cfg: MobileMoEConfig) -> str:
+    """``int4`` for INT4 checkpoints (as faithful as the native runtime at <2x the size), else ``f16``."""
+    return "int4" if cfg.is_quantized else "f16"
+
+
+def export_gguf(ckpt: str | os.PathLike, out: str | os.PathLike, type: str | None = None) -> GGUFExportReport:
+    """Write ``out`` (a GGUF for llama.cpp's ``exaone-moe``) from a mobilemoe checkpoint directory.
+    ``type``: one of :data:`TYPES`; None picks :func:`default_type`."""
     gguf = _gguf()
-    if type not in TYPES:
+    if type is not None and type not in TYPES:
         raise ExportError(f"unknown GGUF type {type!r}: choose one of {TYPES}")
     ckpt = Path(ckpt)
     cfg, src = _read(ckpt)
     check_gguf(cfg)
+    type = type or default_type(cfg)
+    if type == "int4" and not cfg.is_quantized:
+        raise ExportError(f"{ckpt}: --type int4 needs an INT4 checkpoint (mobilemoe-int4-g32), this one is "
+                          "float: use f16, q8_0 or q4_0")
     tok = _tokenizer_fields(ckpt, cfg)
     H, D, L = cfg.hidden_size, cfg.head_dim, cfg.num_hidden_layers
     qt = gguf.GGMLQuantizationType
-    wtype = {"f32": qt.F32, "f16": qt.F16, "q8_0": qt.Q8_0, "q4_0": qt.Q4_0}[type]
+    # int4: weights whose INT4 groups run along `in` copy into Q4_0 code for code (add_weight); the
+    # rest (the routed experts, grouped along `out`) are written as Q8_0 of their exact values.
+    wtype = {"f32": qt.F32, "f16": qt.F16, "q8_0": qt.Q8_0, "q4_0": qt.Q4_0, "int4": qt.Q8_0}[type]
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-             "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[type]
+             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+             "int4": gguf.LlamaFileType.MOSTLY_Q4_0}[type]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -314,7 +330,7 @@ def export_gguf(ckpt: str | os.PathLike, out: str | os.PathLike, type: str = "f1
 
     def add_weight(name: str, s: _Source, rows_perm=None) -> None:
         """A matmul weight [out, in] (or [E, out, in]) in the chosen type."""
-        if s.qweight is not None and type == "q4_0":
+        if s.qweight is not None and type in ("q4_0", "int4"):
             qweight, scales = s.qweight, s.scales
             if rows_perm is not None:  # a row permutation moves packed rows and their scales alike
                 qweight, scales = rows_perm(qweight), rows_perm(scales)
