@@ -16,6 +16,20 @@ memory (each MoE run against the dense runs interpolated to its memory, log-log)
 INT4 memory and vs active parameters. Prints JSON; writes OUT/result.json, OUT/law.yaml, OUT/sweep.png.
 
     python benchmarks/scaling_sweep.py --out runs/sweep
+
+``--plan equal-memory`` (:func:`equal_memory_plan`) is the sweep that answers the equal-memory question
+without extrapolating: the same MoE models; dense models at their active sizes (equal-active
+comparison) plus, from ``mobilemoe.accounting``'s INT4 bytes, the dense sizes just below and just above
+every MoE model's INT4 bytes (d192, d224, d256 with the tiers' depth rule: d256's 3.82 MB covers the
+fine-grained d128's 3.81 MB); seeds 0, 1, 2; token budgets 1M (the earlier sweep's budget, so its
+seed-0 rows are reused when its run table is there) and the largest of 4M/3M/2M/1.5M whose estimated
+wall time fits ``--hours`` (default 6). The estimate is tokens x matmul params per token x a measured
+rate (:func:`measured_rate`: from the run table's own finished runs when it has them, else the
+2026-11-24 sweep's 25 minutes for its 20 runs); it counts only runs not yet done and is printed before
+training starts. Resumable; meant for a workstation session, never CI:
+
+    python benchmarks/scaling_sweep.py --plan equal-memory --out runs/sweep-em --dry-run
+    python benchmarks/scaling_sweep.py --plan equal-memory --out runs/sweep-em
 """
 
 from __future__ import annotations
@@ -33,6 +47,112 @@ GRIDS = {  # cheapest first; the dense model at the MoE models' memory last (it 
     "dense at about the MoE models' INT4 memory": "d_model=192 E=1 head_dim=32 kv_heads=2 tokens={tokens}",
 }
 FAMILY_NAMES = {"dense": "dense", "k1-g1-s0": "coarse MoE", "k1-g8-s4": "fine-grained + shared"}
+
+# ------------------------------------------------------------------ the equal-memory plan
+ATTN = "head_dim=32 kv_heads=2"
+MOE_GRIDS = {"coarse MoE (8x top-1)": "d_model=64,96,128 E=8 g=1 k=1 s=0",
+             "fine-grained + shared (60 top-4 + shared)": "d_model=64,96,128 E=8 g=8 k=1 s=4"}
+ACTIVE_DENSE = (64, 96, 128)  # the MoE models' d_model: the equal-active comparison
+DENSE_CANDIDATES = (64, 96, 128, 160, 192, 224, 256, 288, 320, 384)  # multiples of head_dim 32
+PLAN_SEEDS = (0, 1, 2)
+LOW_TOKENS = 1_000_000  # the earlier sweep's budget: its seed-0 runs are reused, its numbers stay comparable
+TOKEN_LADDER = (4_000_000, 3_000_000, 2_000_000, 1_500_000)  # the high budget: the largest that fits --hours
+# Seconds per (token x matmul param per token), dense and MoE, when the table has no finished runs of
+# its own. The 2026-11-24 sweep (BENCHMARKS.md) trained 6.31e12 dense and 4.86e12 MoE token x param in
+# about 1500 s on 2 cores; a 2026-12-02 timing (d128, 16K vs 49K tokens, loaded machine) put a
+# fine-grained MoE token x param at >= 2.5x a dense one. Solving 1500 = r (6.31e12 + 2.5 x 4.86e12):
+MOE_COST_RATIO = 2.5
+DEFAULT_RATES = {"dense": 1500 / (6.31e12 + MOE_COST_RATIO * 4.86e12)}
+DEFAULT_RATES["moe"] = MOE_COST_RATIO * DEFAULT_RATES["dense"]
+
+
+def _points(grid: str, vocab: int, tokens, seeds):
+    from mobilemoe.scaling.sweep import parse_grid
+
+    toks = ",".join(str(int(t)) for t in tokens)
+    return parse_grid(f"{grid} {ATTN} tokens={toks} seed={','.join(map(str, seeds))}", defaults={"vocab": vocab})
+
+
+def _int4(d_model: int, E: int, vocab: int, extra: str = "") -> int:
+    from mobilemoe.scaling.space import stats
+
+    (p,) = _points(f"d_model={d_model} E={E} {extra}", vocab, [1], [0])
+    return stats(p.arch).int4_bytes
+
+
+def bracketing_dense(vocab: int) -> list[int]:
+    """Dense d_models: the MoE models' active sizes plus, for every MoE model's INT4 bytes, the
+    largest candidate at or below it and the smallest at or above it (so the dense curve is
+    interpolated at every MoE memory, never extrapolated)."""
+    from mobilemoe.scaling.space import stats
+
+    dense = {d: _int4(d, 1, vocab) for d in DENSE_CANDIDATES}
+    chosen = set(ACTIVE_DENSE)
+    for grid in MOE_GRIDS.values():
+        for p in _points(grid, vocab, [1], [0]):
+            b = stats(p.arch).int4_bytes
+            below = [d for d, v in dense.items() if v <= b]
+            above = [d for d, v in dense.items() if v >= b]
+            if not below or not above:
+                raise SystemExit(f"no dense candidate brackets {p.arch.label()} ({b / 1e6:.2f} MB INT4): "
+                                 "extend DENSE_CANDIDATES")
+            chosen |= {max(below, key=dense.get), min(above, key=dense.get)}
+    return sorted(chosen)
+
+
+def equal_memory_plan(vocab: int, tokens, seeds=PLAN_SEEDS) -> dict:
+    """Grids (name -> points) of the equal-memory sweep, cheapest first."""
+    dense = bracketing_dense(vocab)
+    grids = {"dense (equal-active and bracketing the MoE INT4 bytes)":
+             _points(f"d_model={','.join(map(str, dense))} E=1", vocab, tokens, seeds)}
+    grids.update({name: _points(g, vocab, tokens, seeds) for name, g in MOE_GRIDS.items()})
+    return grids
+
+
+def measured_rate(rows: list[dict]) -> tuple[dict[str, float], str]:
+    """Seconds per (token x matmul param per token) for dense and MoE runs, and where they came from:
+    this table's finished runs of that kind when it has some (so the estimate sharpens as a resumed
+    sweep goes on), else :data:`DEFAULT_RATES`."""
+    from mobilemoe import accounting
+    from mobilemoe.scaling.sweep import parse_grid
+
+    work = {"dense": 0.0, "moe": 0.0}
+    secs = {"dense": 0.0, "moe": 0.0}
+    for r in rows:
+        if r.get("status") != "done" or not r.get("seconds"):
+            continue
+        try:
+            (p,) = parse_grid(f"d_model={r['d_model']} layers={r['layers']} E={r['E']} g={r['g']} k={r['k']} "
+                              f"s={r['s']} vocab={r['vocab']} head_dim={r['head_dim']} kv_heads={r['kv_heads']} "
+                              f"tokens={r['tokens']}")
+        except (KeyError, ValueError):
+            continue
+        kind = "dense" if p.arch.is_dense else "moe"
+        work[kind] += r["tokens"] * accounting.matmul_params_per_token(p.arch.to_config())
+        secs[kind] += float(r["seconds"])
+    rates = {k: secs[k] / work[k] if work[k] > 0 else DEFAULT_RATES[k] for k in work}
+    measured = [k for k in work if work[k] > 0]
+    source = (f"{'/'.join(measured)} measured on this table's finished runs" if measured else
+              "defaults from the 2026-11-24 sweep")
+    return rates, source
+
+
+def estimate_seconds(points, rates: dict[str, float], done: set[str]) -> float:
+    """Estimated wall time of the points not yet done."""
+    from mobilemoe import accounting
+
+    return sum(p.tokens * accounting.matmul_params_per_token(p.arch.to_config())
+               * rates["dense" if p.arch.is_dense else "moe"] for p in points if p.key not in done)
+
+
+def choose_tokens(vocab: int, hours: float, rate: dict[str, float], done: set[str]) -> tuple[int, float]:
+    """The largest high budget of TOKEN_LADDER whose plan (with LOW_TOKENS) fits ``hours``."""
+    for high in TOKEN_LADDER:
+        pts = [p for ps in equal_memory_plan(vocab, (LOW_TOKENS, high)).values() for p in ps]
+        est = estimate_seconds(pts, rate, done)
+        if est <= hours * 3600:
+            return high, est
+    raise SystemExit(f"even {TOKEN_LADDER[-1]:.3g} tokens needs more than --hours {hours:g}; raise --hours")
 
 
 def interp_loglog(x: float, pts: list[tuple[float, float]]) -> tuple[float, bool]:
@@ -59,7 +179,8 @@ def compare(rows: list[dict]) -> dict:
             for r in at:
                 if r["d_model"] == d:
                     entry[FAMILY_NAMES.get(r["family"], r["family"])] = {
-                        "loss": r["loss"], "active_M": r["n_act"] / 1e6, "int4_MB": r["int4_bytes"] / 1e6}
+                        "loss": r["loss"], "se": r.get("se"), "n": r.get("n", 1), "active_M": r["n_act"] / 1e6,
+                        "int4_MB": r["int4_bytes"] / 1e6}
             out["matched_active"].append(entry)
         pts = [(r["int4_bytes"], r["loss"]) for r in dense]
         for r in at:
@@ -68,7 +189,8 @@ def compare(rows: list[dict]) -> dict:
             dense_loss, extrap = interp_loglog(r["int4_bytes"], pts)
             out["matched_memory"].append({
                 "tokens": tokens, "family": FAMILY_NAMES.get(r["family"], r["family"]), "d_model": r["d_model"],
-                "int4_MB": r["int4_bytes"] / 1e6, "moe_loss": r["loss"], "dense_loss_at_same_memory": dense_loss,
+                "int4_MB": r["int4_bytes"] / 1e6, "moe_loss": r["loss"], "moe_se": r.get("se"),
+                "dense_loss_at_same_memory": dense_loss,
                 "moe_minus_dense": r["loss"] - dense_loss, "dense_extrapolated": extrap})
     return out
 
@@ -119,30 +241,58 @@ def main() -> None:
     ap.add_argument("--bootstrap", type=int, default=50)
     ap.add_argument("--holdout", type=float, default=0.2)
     ap.add_argument("--fit-only", action="store_true", help="fit and plot the existing run table")
+    ap.add_argument("--plan", choices=["equal-memory"], help="a named sweep instead of GRIDS x --tokens")
+    ap.add_argument("--hours", type=float, default=6.0, help="--plan: wall-time budget that picks the token budget")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and its estimated wall time; train nothing")
     args = ap.parse_args()
 
     from mobilemoe.scaling.law import fit_table, read_runs
-    from mobilemoe.scaling.sweep import RunTable, parse_grid, recipe_train_one, recipe_vocab, run_sweep
+    from mobilemoe.scaling.sweep import (RunTable, format_summary, parse_grid, recipe_train_one, recipe_vocab,
+                                         run_sweep, summarize)
 
     out = Path(args.out)
     table = out / "runs.jsonl"
     if not args.fit_only:
-        train_one = recipe_train_one(args.recipe)
         vocab = recipe_vocab(args.recipe)
-        for name, grid in GRIDS.items():
+        if args.plan:
+            done = RunTable(table).done()
+            rate, source = measured_rate(RunTable(table).rows())
+            high, est = choose_tokens(vocab, args.hours, rate, done)
+            grids = equal_memory_plan(vocab, (LOW_TOKENS, high))
+        else:
+            grids = {name: parse_grid(grid.format(tokens=args.tokens), defaults={"vocab": vocab})
+                     for name, grid in GRIDS.items()}
+            done, (rate, source) = RunTable(table).done(), measured_rate(RunTable(table).rows())
+            est = estimate_seconds([p for ps in grids.values() for p in ps], rate, done)
+        if args.plan:
+            print(f"plan {args.plan}: dense d_model {', '.join(map(str, bracketing_dense(vocab)))}; seeds "
+                  f"{', '.join(map(str, PLAN_SEEDS))}; tokens {LOW_TOKENS:.3g} and {high:.3g} (the largest of "
+                  f"{', '.join(f'{t:.3g}' for t in TOKEN_LADDER)} that fits --hours {args.hours:g})", flush=True)
+        n = sum(len(ps) for ps in grids.values())
+        todo = sum(p.key not in done for ps in grids.values() for p in ps)
+        print(f"plan: {n} runs ({todo} to train), estimated {est / 3600:.1f} h at "
+              f"{1 / rate['dense']:.3g} (dense) / {1 / rate['moe']:.3g} (MoE) token x param/s ({source})", flush=True)
+        if args.dry_run:
+            for name, ps in grids.items():
+                print(f"== {name}")
+                for p in ps:
+                    print(f"  {'done' if p.key in done else 'todo'} {p.key}  {p.arch.label()}  seed {p.seed}")
+            return
+        train_one = recipe_train_one(args.recipe)
+        for name, points in grids.items():
             print(f"== {name}", flush=True)
-            points = parse_grid(grid.format(tokens=args.tokens), defaults={"vocab": vocab})
             run_sweep(points, train_one, table, out, log=lambda m: print(m, flush=True))
-    rows = [r for r in RunTable(table).latest().values() if r.get("status") == "done"]
+    points = summarize(RunTable(table).rows())  # mean +- SE over seeds per point
+    rows = [{**g, "loss": g["mean"]} for g in points]  # comparisons and plots use the seed means
     law, fits = fit_table(read_runs(table), bootstrap=args.bootstrap, holdout=args.holdout, n_starts=16)
     law.save(out / "law.yaml")
     result = {
-        "runs": len(rows),
-        "table": [{k: r[k] for k in ("label", "family", "tokens", "n_act", "total_params", "int4_bytes", "loss",
-                                     "seconds")} for r in sorted(rows, key=lambda r: (r["family"], r["n_act"], r["tokens"]))],
+        # one row per point, loss = the seed mean (+ se, n): benchmarks/report.py's "scaling" table
+        "runs": sum(g["n"] for g in points), "table": rows,
         "fits": [f.to_dict() for f in fits], "skipped_fits": law.meta.get("skipped"),
         **compare(rows),
     }
+    print(format_summary(points))
     plot(rows, law, out / "sweep.png")
     (out / "result.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2, default=float))

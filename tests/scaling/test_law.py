@@ -96,3 +96,44 @@ def test_default_law_is_marked_default():
     assert isinstance(law, Law)
     # MoE at the tiers' expansion beats dense at equal active params and tokens
     assert law.predict(3e8, 6e12, 8.0, "k1-g8-s4", g=8, s=4) < law.predict(3e8, 6e12, 1.0, "dense")
+
+
+def _seeded(runs, seeds=3, noise=0.01, rng_seed=0):
+    """Each run repeated over ``seeds`` with its own noise, tagged with a shared point key."""
+    from mobilemoe.scaling.law import Run
+
+    rng = np.random.default_rng(rng_seed)
+    return [Run(r.n_act, r.tokens, r.e, r.loss * float(np.exp(rng.normal(0, noise))), r.family,
+                {"point": f"p{i}", "seed": s}) for i, r in enumerate(runs) for s in range(seeds)]
+
+
+def test_fit_uses_every_seed_and_holds_out_whole_points():
+    chin = LawParams(a=250.0, alpha=-0.3, b=1600.0, beta=-0.32, c=1.78)
+    runs = _seeded(synthetic_runs(chin, N_GRID, D_GRID, [8]))
+    res = fit_family(runs, n_starts=4, bootstrap=8, holdout=0.25, max_iter=100)
+    assert res.n_runs == 60 and res.n_points == 20 and res.to_dict()["n_points"] == 20
+    assert res.params.alpha == pytest.approx(-0.3, abs=0.05)
+    assert res.heldout["n"] == 15  # 5 points x 3 seeds: no point split between train and test
+    lo, hi = res.intervals["alpha"]
+    assert lo <= res.params.alpha <= hi
+    # seeds are not design points: 5 points x 3 seeds cannot fit 5 constants
+    with pytest.raises(LawError, match="5 distinct points"):
+        fit_family(runs[:15])
+
+
+def test_bootstrap_resamples_points_not_seeds():
+    from mobilemoe.scaling.law import _cluster_weights, point_clusters
+
+    runs = _seeded(synthetic_runs(TRUE, N_GRID[:2], D_GRID[:2], [1]), seeds=3)
+    clusters = point_clusters(runs)
+    assert clusters == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        w = _cluster_weights(clusters, len(runs), rng)
+        assert w.sum() == len(runs)  # 4 points drawn, 3 seeds each
+        for c in clusters:
+            assert len(set(w[c])) == 1  # a point's seeds are drawn together
+    # without point tags (no seeds): one cluster per run, the plain per-run bootstrap
+    plain = synthetic_runs(TRUE, N_GRID[:2], D_GRID[:2], [1])
+    assert point_clusters(plain) == [[i] for i in range(len(plain))]
+

@@ -4,7 +4,7 @@ import pytest
 
 from mobilemoe.cli import main
 from mobilemoe.scaling.law import read_runs
-from mobilemoe.scaling.sweep import RunTable, SweepError, parse_grid, run_sweep
+from mobilemoe.scaling.sweep import RunTable, SweepError, parse_grid, recipe_train_one, run_sweep, summarize
 
 GRID = "d_model=64,128 layers=2 E=1,4 g=1,2 k=1 s=0 vocab=256 head_dim=32 kv_heads=2 tokens=1000,2000"
 
@@ -27,7 +27,7 @@ def test_resume_skips_finished_runs_and_retries_failures(tmp_path):
     calls = []
     fail_once = {"d64-L2-E4-g2"}
 
-    def fake_train_one(cfg, tokens, out_dir):
+    def fake_train_one(cfg, tokens, out_dir, seed):
         key = out_dir.name
         calls.append(key)
         if any(key.startswith(f) for f in fail_once):
@@ -85,8 +85,130 @@ def test_cli_fit_only_and_dry_run(tmp_path, capsys):
     law_path = tmp_path / "law.yaml"
     assert main(["sweep", "--table", str(table), "--fit", str(law_path), "--bootstrap", "4", "--starts", "3"]) == 0
     out = capsys.readouterr().out
-    assert "single-E Chinchilla form (E=8)" in out and law_path.exists()
+    assert "single-E Chinchilla form (E=8)" in out and "12 runs at 12 points" in out and law_path.exists()
     assert main(["plan", "--memory-gb", "0.7", "--law", str(law_path), "--experts", "8", "--granularity", "8",
                  "--top-k", "1", "--no-dense", "--top", "2"]) == 0
     out = capsys.readouterr().out
     assert "DEFAULT" not in out and "E8 g8 k1 s4" in out
+
+
+def test_seed_axis_expands_grid_and_keeps_seed_zero_keys():
+    base = parse_grid(GRID)
+    seeded = parse_grid(GRID + " seed=0,1,2")
+    assert len(seeded) == 3 * len(base) == len({p.key for p in seeded})
+    assert {p.seed for p in seeded} == {0, 1, 2}
+    # seed 0 keeps the pre-seed key (old tables resume as seed 0); other seeds share the point key
+    assert {p.key for p in seeded if p.seed == 0} == {p.key for p in base}
+    p1 = next(p for p in seeded if p.seed == 1)
+    assert p1.key == p1.point_key + "-S1"
+    with pytest.raises(SweepError, match="'seed'.*non-negative"):
+        parse_grid("d_model=64 tokens=10 seed=-1")
+
+
+def test_resume_skips_finished_point_seed_pairs(tmp_path):
+    pts = parse_grid("d_model=64 layers=2 E=1 vocab=256 head_dim=32 kv_heads=2 tokens=1000 seed=0,1,2")
+    calls = []
+
+    def fake(cfg, tokens, out_dir, seed):
+        calls.append((out_dir.name, seed))
+        return 3.0 + 0.01 * seed
+
+    table = tmp_path / "runs.jsonl"
+    assert run_sweep(pts[:2], fake, table, tmp_path / "r", log=None) == {"done": 2, "skipped": 0, "failed": 0}
+    calls.clear()
+    assert run_sweep(pts, fake, table, tmp_path / "r", log=None) == {"done": 1, "skipped": 2, "failed": 0}
+    assert calls == [(pts[2].key, 2)]  # only the missing seed trained, with its own seed and directory
+    rows = RunTable(table).rows()
+    assert [r["seed"] for r in rows] == [0, 1, 2] and len({r["point"] for r in rows}) == 1
+
+
+def test_summarize_mean_and_standard_error():
+    rows = [{"key": "a", "point": "a", "seed": 0, "status": "done", "loss": 3.0, "family": "dense", "n_act": 1,
+             "tokens": 10},
+            {"key": "a-S1", "point": "a", "seed": 1, "status": "done", "loss": 3.2, "family": "dense", "n_act": 1,
+             "tokens": 10},
+            {"key": "a-S2", "point": "a", "seed": 2, "status": "failed", "error": "x"},
+            {"key": "a-S2", "seed": 2, "status": "done", "loss": 3.4, "family": "dense", "n_act": 1, "tokens": 10},
+            {"key": "b", "status": "done", "loss": 2.0, "family": "dense", "n_act": 2, "tokens": 10},  # pre-seed row
+            {"key": "b-S1", "seed": 1, "status": "done", "loss": 9.0, "family": "dense", "n_act": 2, "tokens": 10},
+            {"key": "b-S1", "seed": 1, "status": "failed", "error": "rerun crashed"}]  # latest row wins
+    a, b = summarize(rows)
+    assert a["point"] == "a" and a["n"] == 3 and a["seeds"] == [0, 1, 2]
+    assert a["mean"] == pytest.approx(3.2) and a["std"] == pytest.approx(0.2)
+    assert a["se"] == pytest.approx(0.2 / 3 ** 0.5)
+    assert b["point"] == "b" and b["n"] == 1 and b["se"] is None and b["mean"] == 2.0
+
+
+def _tiny_recipe(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: t\nmodel: {preset: tiny-moe, overrides: {vocab_size: 320}}\n"
+                      "data: {source: stdlib, tokenizer: byte, limit_files: 2, val_fraction: 0.5}\n"
+                      "stages:\n  - {name: pretrain, seq_len: 32, micro_batch_size: 2, max_steps: 2, lr: 3.0e-3,"
+                      " warmup_steps: 1, eval_every: 100000, eval_steps: 2, checkpoint_every: 100000}\n")
+    return recipe
+
+
+def test_seed_changes_training_and_same_seed_repeats(tmp_path):
+    train_one = recipe_train_one(_tiny_recipe(tmp_path))
+    (p,) = parse_grid("d_model=64 layers=1 E=1 vocab=320 head_dim=32 kv_heads=2 tokens=128")
+    cfg = p.arch.to_config()
+    s0 = train_one(cfg, p.tokens, tmp_path / "a", 0)
+    s0_again = train_one(cfg, p.tokens, tmp_path / "b", 0)
+    s1 = train_one(cfg, p.tokens, tmp_path / "c", 1)
+    assert s0 == s0_again
+    assert abs(s0 - s1) > 1e-6
+
+
+def test_cli_table_prints_mean_se_per_point(tmp_path, capsys):
+    table = tmp_path / "runs.jsonl"
+    pts = parse_grid("d_model=64 layers=2 E=1,4 g=1 k=1 vocab=256 head_dim=32 kv_heads=2 tokens=1000 seed=0,1")
+    run_sweep(pts, lambda cfg, t, d, seed: 3.0 + 0.1 * seed + (0.5 if "-E4-" in d.name else 0.0), table,
+              tmp_path / "r", log=None)
+    assert main(["sweep", "--table", str(table)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("+- 0.0500") == 2 and "3.0500" in out and "3.5500" in out  # SE of {x, x+0.1}: 0.0707/sqrt 2
+    assert main(["sweep", "--table", str(table), "--json"]) == 0
+    points = json.loads(capsys.readouterr().out)["points"]
+    assert [g["n"] for g in points] == [2, 2]
+    assert main(["sweep", "--table", str(tmp_path / "missing.jsonl")]) == 2
+    assert "no such run table" in capsys.readouterr().err
+
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "scaling_sweep.py"
+    spec = importlib.util.spec_from_file_location("scaling_sweep_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_equal_memory_plan_brackets_moe_int4_bytes_with_seeds():
+    from mobilemoe.scaling.space import stats
+
+    bench = _bench()
+    grids = bench.equal_memory_plan(512, (bench.LOW_TOKENS, 2_000_000))
+    pts = [p for ps in grids.values() for p in ps]
+    dense = {stats(p.arch).int4_bytes for p in pts if p.arch.is_dense}
+    moe = [p for p in pts if not p.arch.is_dense]
+    assert moe and {stats(p.arch).int4_bytes for p in moe}
+    for p in moe:  # every MoE memory lies inside the dense range, with dense points on both sides
+        b = stats(p.arch).int4_bytes
+        assert min(dense) <= b <= max(dense), p.arch.label()
+        # the equal-active comparison is kept: a dense model at each MoE d_model
+        assert any(q.arch.is_dense and q.arch.d_model == p.arch.d_model for q in pts)
+    assert 256 in {p.arch.d_model for p in pts if p.arch.is_dense}
+    by_point: dict = {}
+    for p in pts:
+        by_point.setdefault(p.point_key, set()).add(p.seed)
+    assert all(len(s) >= 3 for s in by_point.values()) and len(pts) == len({p.key for p in pts})
+    # the token budget: the largest of the ladder whose estimate fits the hours, estimate counts only todo runs
+    rates = bench.DEFAULT_RATES
+    high, est = bench.choose_tokens(512, 6.0, rates, set())
+    assert high > 1_000_000 and est <= 6 * 3600
+    all_keys = {p.key for p in pts}
+    assert bench.estimate_seconds(pts, rates, all_keys) == 0
+    big, _ = bench.choose_tokens(512, 1000.0, rates, set())
+    assert big == bench.TOKEN_LADDER[0]

@@ -12,11 +12,14 @@ def register(subparsers) -> None:
                     "stage, or --stage), one run per directory under --out, and record each finished run "
                     "(config fields, tokens, final validation loss, accounting) in the JSONL run table; "
                     "finished runs are skipped on restart. --fit LAW fits the joint MoE scaling law to the "
-                    "table and writes it for `mobilemoe plan --law LAW`. Without RECIPE only the fit runs. "
-                    "Grid example: 'd_model=128,192 layers=4 E=1,4,8 g=1,4 k=1 s=0,half tokens=2e6,4e6'.")
+                    "table and writes it for `mobilemoe plan --law LAW`. Without RECIPE only the fit runs; with "
+                    "neither RECIPE nor --fit, `--table JSONL` prints the table grouped by point: loss mean "
+                    "+- standard error over seeds, and n. seed=0,1,2 is a grid axis (each seed changes the "
+                    "initialisation and the data order; fits use every seed's run, bootstrap over points). "
+                    "Grid example: 'd_model=128,192 layers=4 E=1,4,8 g=1,4 k=1 s=0,half tokens=2e6,4e6 seed=0,1,2'.")
     p.add_argument("recipe", nargs="?", metavar="RECIPE.yaml", help="training recipe (omit to only --fit a table)")
     p.add_argument("--grid", help="the grid: name=v1,v2 ... over d_model, layers (or 'rule'), E, g, k, s "
-                                  "(or 'half'), vocab, ffn_ratio, head_dim, kv_heads, heads, tokens")
+                                  "(or 'half'), vocab, ffn_ratio, head_dim, kv_heads, heads, tokens, seed")
     p.add_argument("--out", metavar="DIR", default="runs/sweep", help="run directories (default runs/sweep)")
     p.add_argument("--table", metavar="JSONL", help="run table (default OUT/runs.jsonl)")
     p.add_argument("--stage", help="recipe stage whose settings to use (default: the first)")
@@ -27,6 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--holdout-mode", choices=["random", "largest"], default="random",
                    help="which runs to hold out: random, or the largest-compute ones (extrapolation test)")
     p.add_argument("--starts", type=int, default=16, help="L-BFGS starts per fit (16)")
+    p.add_argument("--summary", action="store_true",
+                   help="also print the per-point table (mean +- SE over seeds) after training/fitting")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=run)
 
@@ -37,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from mobilemoe.commands.common import print_json
     from mobilemoe.errors import MobileMoEError
     from mobilemoe.scaling.law import fit_table, read_runs
-    from mobilemoe.scaling.sweep import RunTable, parse_grid, recipe_train_one, recipe_vocab, run_sweep
+    from mobilemoe.scaling.sweep import (RunTable, format_summary, parse_grid, recipe_train_one, recipe_vocab,
+                                         run_sweep, summarize)
 
     table = Path(args.table or Path(args.out) / "runs.jsonl")
     summary: dict = {"table": str(table)}
@@ -49,17 +55,22 @@ def run(args: argparse.Namespace) -> int:
             raise MobileMoEError(f"--grid {args.grid!r} has no valid architecture (check E >= k, s < k*g, g | 4*d_model)")
         if args.dry_run:
             done = RunTable(table).done()
-            rows = [{"key": p.key, "label": p.arch.label(), "tokens": p.tokens, "done": p.key in done} for p in points]
+            rows = [{"key": p.key, "label": p.arch.label(), "tokens": p.tokens, "seed": p.seed, "done": p.key in done}
+                    for p in points]
             if args.json:
                 print_json(rows)
             else:
                 for r in rows:
-                    print(f"{'done ' if r['done'] else 'todo '} {r['key']}  {r['label']}  {r['tokens']:.3g} tokens")
+                    print(f"{'done ' if r['done'] else 'todo '} {r['key']}  {r['label']}  {r['tokens']:.3g} tokens"
+                          f"  seed {r['seed']}")
             return 0
         log = None if args.json else print
         summary["sweep"] = run_sweep(points, recipe_train_one(args.recipe, args.stage), table, args.out, log=log)
     elif not args.fit:
-        raise MobileMoEError("give RECIPE.yaml --grid ... to train, and/or --fit LAW to fit the run table")
+        if not args.table:
+            raise MobileMoEError("give RECIPE.yaml --grid ... to train, --fit LAW to fit the run table, "
+                                 "or --table JSONL to print it grouped by point")
+        args.summary = True
     if args.fit:
         runs = read_runs(table)
         law, results = fit_table(runs, bootstrap=args.bootstrap, holdout=args.holdout, n_starts=args.starts,
@@ -70,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             for r in results:
                 p = r.params
                 form = "joint (E terms fitted)" if r.joint else f"single-E Chinchilla form (E={p.e_fixed:g})"
-                print(f"family {r.family}: {r.n_runs} runs, {form}, in-sample RMSE(log loss) {r.rmse_log:.4f}"
+                print(f"family {r.family}: {r.n_runs} runs at {r.n_points} points, {form}, in-sample RMSE(log loss) {r.rmse_log:.4f}"
                       + (f", held-out ({r.heldout['mode']}) MAPE {r.heldout['mape']:.2%} on {r.heldout['n']} runs"
                    if r.heldout else ""))
                 for name in ("a", "alpha", "b", "beta", "c", "delta", "gamma", "omega", "zeta"):
@@ -82,6 +93,15 @@ def run(args: argparse.Namespace) -> int:
             for fam, why in (law.meta.get("skipped") or {}).items():
                 print(f"family {fam}: not fitted ({why})")
             print(f"law -> {args.fit} (use: mobilemoe plan --law {args.fit} ...)")
+    if args.summary:
+        if not table.is_file():
+            raise MobileMoEError(f"{table}: no such run table")
+        groups = summarize(RunTable(table).rows())
+        if not groups:
+            raise MobileMoEError(f"{table}: no finished runs (rows with status done and a loss)")
+        summary["points"] = groups
+        if not args.json:
+            print(format_summary(groups))
     if args.json:
         print_json(summary)
     return 0

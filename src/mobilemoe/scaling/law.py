@@ -321,9 +321,11 @@ class FitResult:
     rmse_log: float  # in-sample RMSE of log loss
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # bootstrap percentile CIs
     heldout: dict[str, float] = field(default_factory=dict)
+    n_points: int = 0  # distinct design points (runs of several seeds at one point count once)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"family": self.family, "joint": self.joint, "n_runs": self.n_runs, "objective": self.objective,
+        return {"family": self.family, "joint": self.joint, "n_runs": self.n_runs, "n_points": self.n_points,
+                "objective": self.objective,
                 "rmse_log": self.rmse_log, "params": self.params.to_dict(),
                 "intervals": {k: list(v) for k, v in self.intervals.items()}, "heldout": self.heldout}
 
@@ -476,6 +478,43 @@ def heldout_error(params: LawParams, runs: Sequence[Run]) -> dict[str, float]:
             "mape": float(np.mean(np.abs(pred - obs) / obs)), "max_abs_err": float(np.max(np.abs(pred - obs)))}
 
 
+def point_clusters(runs: Sequence[Run]) -> list[list[int]]:
+    """Indices of ``runs`` grouped by design point, in order of first appearance.
+
+    A point is the run's ``info['point']`` (the sweep's architecture + tokens key, shared by its
+    seeds), else its law inputs ``(family, n_act, tokens, e)``. A table without repeated seeds has
+    one run per cluster, so everything below reduces to the per-run behaviour.
+    """
+    ids: dict[Any, int] = {}
+    clusters: list[list[int]] = []
+    for i, r in enumerate(runs):
+        pt = r.info.get("point") if r.info else None
+        key = ("point", str(pt)) if pt else ("law", r.family, round(r.n_act, 6), round(r.tokens, 6), round(r.e, 9))
+        if key not in ids:
+            ids[key] = len(clusters)
+            clusters.append([])
+        clusters[ids[key]].append(i)
+    return clusters
+
+
+def _cluster_weights(clusters: list[list[int]], n_runs: int, rng: np.random.Generator) -> np.ndarray:
+    """One bootstrap resample as integer run weights: clusters drawn with replacement, each drawn
+    cluster contributing all of its runs (seeds) once per draw.
+
+    Why resample points, not runs: the seeds of one point share its (N, D, E) and any misfit of the
+    law's form there; they are repeated measurements of one design point, not independent design
+    points. Resampling runs independently would treat 3 seeds as 3 points (pseudo-replication) and
+    give intervals too narrow by about sqrt(seeds) wherever the form's misfit dominates the seed
+    noise. Drawing whole points keeps each point's seed spread inside every resample, so the
+    interval reflects both the seed noise and the design (the cluster bootstrap)."""
+    m = len(clusters)
+    picks = np.bincount(rng.integers(0, m, m), minlength=m)
+    w = np.zeros(n_runs, dtype=np.float64)
+    for c, members in enumerate(clusters):
+        w[members] = picks[c]
+    return w
+
+
 def fit_law(runs: Sequence[Run], joint: bool | None = None, n_starts: int = 24, huber_delta: float = 1e-3,
             bootstrap: int = 0, holdout: float = 0.0, seed: int = 0, max_iter: int = 200,
             family: str = "*", ci: float = 0.9, holdout_mode: str = "random") -> FitResult:
@@ -487,6 +526,11 @@ def fit_law(runs: Sequence[Run], joint: bool | None = None, n_starts: int = 24, 
     error on the held-out runs (the returned constants are then refitted on all runs);
     ``holdout_mode`` ``random`` or ``largest`` (hold out the runs with the most compute, 6 N D: an
     extrapolation test, the question a scaling law is asked).
+
+    Several seeds per point: every seed's run is a data point of the fit (the Huber objective then
+    averages the seed noise at each point); the bootstrap and the hold-out work on whole points
+    (:func:`point_clusters`, :func:`_cluster_weights`), so a held-out point never has a seed in the
+    training set and intervals are not narrowed by counting seeds as design points.
     """
     runs = list(runs)
     es = sorted({round(r.e, 9) for r in runs})
@@ -496,6 +540,10 @@ def fit_law(runs: Sequence[Run], joint: bool | None = None, n_starts: int = 24, 
     if len(runs) < n_free + 1:
         raise LawError(f"family {family}: {len(runs)} runs cannot fit {n_free} constants; need at least {n_free + 1}"
                        + (" (or fit one E at a time)" if joint else ""))
+    clusters = point_clusters(runs)
+    if len(clusters) < n_free + 1:
+        raise LawError(f"family {family}: {len(clusters)} distinct points ({len(runs)} runs) cannot fit {n_free} "
+                       f"constants; need at least {n_free + 1} points (more seeds do not add points)")
     if joint and len(es) < 2:
         raise LawError(f"family {family}: the joint law needs runs at 2+ expert counts E; all runs have E={es[0]}")
     if not joint and len(es) > 1:
@@ -508,15 +556,15 @@ def fit_law(runs: Sequence[Run], joint: bool | None = None, n_starts: int = 24, 
     if holdout_mode not in ("random", "largest"):
         raise LawError(f"holdout_mode: expected 'random' or 'largest', got {holdout_mode!r}")
     if holdout > 0:
-        idx = list(range(len(runs)))
+        order = list(range(len(clusters)))  # hold out whole points: no seed of a test point is trained on
         if holdout_mode == "largest":
-            idx.sort(key=lambda i: -runs[i].n_act * runs[i].tokens)
+            order.sort(key=lambda c: -max(runs[i].n_act * runs[i].tokens for i in clusters[c]))
         else:
-            rng.shuffle(idx)
-        n_test = max(1, int(round(holdout * len(runs))))
-        test = [runs[i] for i in idx[:n_test]]
-        train = [runs[i] for i in idx[n_test:]]
-        if len(train) < n_free + 1:
+            rng.shuffle(order)
+        n_test = max(1, int(round(holdout * len(clusters))))
+        test = [runs[i] for c in order[:n_test] for i in clusters[c]]
+        train = [runs[i] for c in order[n_test:] for i in clusters[c]]
+        if len(order) - n_test < n_free + 1:
             raise LawError(f"family {family}: too few runs left to fit after holding out {n_test}")
         th, _, c_train = _fit(train, joint, starts, huber_delta, max_iter)
         held_params = _params_or_none(th, joint, e_fixed, c_train)  # None: no held-out figure, not a wrong one
@@ -536,11 +584,9 @@ def fit_law(runs: Sequence[Run], joint: bool | None = None, n_starts: int = 24, 
     if bootstrap > 0:
         samples: dict[str, list[float]] = {k: [] for k in PARAM_NAMES}
         np_rng = np.random.default_rng(seed)
-        n = len(runs)
         for _ in range(bootstrap):
-            counts = np.bincount(np_rng.integers(0, n, n), minlength=n)  # resample = integer weights
-            th, _, _ = _fit(runs, joint, [theta], huber_delta, max_iter, weights=counts.astype(np.float64),
-                            center=center)
+            counts = _cluster_weights(clusters, len(runs), np_rng)  # resample points = integer run weights
+            th, _, _ = _fit(runs, joint, [theta], huber_delta, max_iter, weights=counts, center=center)
             p = _params_or_none(th, joint, e_fixed, center)
             if p is None:
                 continue
@@ -551,7 +597,7 @@ def fit_law(runs: Sequence[Run], joint: bool | None = None, n_starts: int = 24, 
             if xs and (joint or k not in E_TERMS):
                 intervals[k] = (float(np.percentile(xs, lo_q)), float(np.percentile(xs, hi_q)))
     return FitResult(params=params, objective=val, n_runs=len(runs), family=family, joint=joint,
-                     rmse_log=log_rmse(params, runs), intervals=intervals, heldout=heldout)
+                     rmse_log=log_rmse(params, runs), intervals=intervals, heldout=heldout, n_points=len(clusters))
 
 
 def fit_family(runs: Sequence[Run], **kwargs: Any) -> FitResult:

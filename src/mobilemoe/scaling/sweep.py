@@ -9,11 +9,17 @@ run, so a crash never leaves a half-written row; on restart, every run whose key
 ``status: done`` row is skipped. A failed run is recorded as ``status: failed`` (with the error)
 and retried on the next start.
 
+Seeds: ``seed=0,1,2`` is a grid axis. One (point, seed) is one run: its key is the point's key plus
+``-S<seed>`` (seed 0 keeps the bare point key, so tables written before seeds existed resume as
+seed 0), and its row keeps ``seed`` and ``point`` (the key without the seed). :func:`recipe_train_one`
+adds the seed to the recipe's seed, which moves both the model's initialisation and the data order.
+:func:`summarize` groups a table's runs by point: mean +- standard error over seeds.
+
 Grid syntax (``--grid``): ``;``- or space-separated ``name=v1,v2,...`` lists over the
 :class:`~mobilemoe.scaling.space.Arch` fields (``d_model``, ``layers``, ``E``, ``g``, ``k``, ``s``,
-``vocab``, ``ffn_ratio``, ``head_dim``, ``kv_heads``, ``heads``) and ``tokens``; ``layers=rule``
+``vocab``, ``ffn_ratio``, ``head_dim``, ``kv_heads``, ``heads``), ``tokens`` and ``seed``; ``layers=rule``
 uses the tiers' depth rule; ``s=half`` isolates half of the active slots into a shared expert.
-Example: ``d_model=128,192 layers=4 E=1,4,8 g=1,4 k=1 s=0,half tokens=2e6,4e6``.
+Example: ``d_model=128,192 layers=4 E=1,4,8 g=1,4 k=1 s=0,half tokens=2e6,4e6 seed=0,1,2``.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from mobilemoe.config import MobileMoEConfig
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.scaling.space import Arch, SpaceError, rule_layers, stats
 
-TrainOne = Callable[[MobileMoEConfig, int, Path], float]
+TrainOne = Callable[[MobileMoEConfig, int, Path, int], float]  # (config, tokens, out_dir, seed) -> val loss
 GRID_INT_FIELDS = ("d_model", "layers", "E", "g", "k", "vocab", "ffn_ratio", "head_dim", "kv_heads", "heads")
 
 
@@ -41,14 +47,23 @@ class SweepError(MobileMoEError, ValueError):
 
 @dataclass(frozen=True)
 class SweepPoint:
+    """One run of the grid: an architecture, a token budget and a seed."""
+
     arch: Arch
     tokens: int
+    seed: int = 0
 
     @property
-    def key(self) -> str:
+    def point_key(self) -> str:
+        """The (architecture, tokens) key, shared by every seed of the point."""
         a = self.arch
         return (f"d{a.d_model}-L{a.layers}-E{a.E}-g{a.g}-k{a.k}-s{a.s}-v{a.vocab}-f{a.ffn_ratio}"
                 f"-h{a.n_heads}x{a.head_dim}kv{a.kv_heads}-T{self.tokens}")
+
+    @property
+    def key(self) -> str:
+        """The run's key: seed 0 is the bare point key, so pre-seed tables resume unchanged."""
+        return self.point_key if self.seed == 0 else f"{self.point_key}-S{self.seed}"
 
 
 def parse_grid(text: str, defaults: dict[str, Any] | None = None) -> list[SweepPoint]:
@@ -60,8 +75,9 @@ def parse_grid(text: str, defaults: dict[str, Any] | None = None) -> list[SweepP
             raise SweepError(f"grid item {item!r}: expected name=v1,v2,...")
         name, raw = item.split("=", 1)
         name = name.strip()
-        if name not in GRID_INT_FIELDS + ("s", "tokens"):
-            raise SweepError(f"grid field '{name}': unknown (known: {', '.join(GRID_INT_FIELDS + ('s', 'tokens'))})")
+        known = GRID_INT_FIELDS + ("s", "tokens", "seed")
+        if name not in known:
+            raise SweepError(f"grid field '{name}': unknown (known: {', '.join(known)})")
         parsed: list[Any] = []
         for v in raw.split(","):
             v = v.strip()
@@ -74,8 +90,9 @@ def parse_grid(text: str, defaults: dict[str, Any] | None = None) -> list[SweepP
                 f = float(v)
             except ValueError:
                 raise SweepError(f"grid field '{name}': expected numbers, got {v!r}") from None
-            if f != int(f) or f < 0 or (f == 0 and name != "s"):
-                raise SweepError(f"grid field '{name}': expected positive integers, got {v!r}")
+            if f != int(f) or f < 0 or (f == 0 and name not in ("s", "seed")):
+                kind = "non-negative" if name in ("s", "seed") else "positive"
+                raise SweepError(f"grid field '{name}': expected {kind} integers, got {v!r}")
             parsed.append(int(f))
         if not parsed:
             raise SweepError(f"grid field '{name}': no values")
@@ -90,6 +107,7 @@ def parse_grid(text: str, defaults: dict[str, Any] | None = None) -> list[SweepP
         kw = dict(base)
         kw.update(zip(names, combo))
         tokens = int(kw.pop("tokens"))
+        seed = int(kw.pop("seed", 0))
         kw.setdefault("layers", "rule")
         if kw["layers"] == "rule":
             kw["layers"] = rule_layers(kw["d_model"])
@@ -104,7 +122,7 @@ def parse_grid(text: str, defaults: dict[str, Any] | None = None) -> list[SweepP
             arch.to_config()
         except (SpaceError, MobileMoEError):
             continue
-        points.append(SweepPoint(arch, tokens))
+        points.append(SweepPoint(arch, tokens, seed))
     return list(dict.fromkeys(points))
 
 
@@ -146,7 +164,7 @@ class RunTable:
 def run_record(point: SweepPoint, **fields: Any) -> dict[str, Any]:
     st = stats(point.arch)
     a = point.arch
-    row = {"key": point.key, **{k: getattr(a, k) for k in ("d_model", "layers", "E", "g", "k", "s", "vocab",
+    row = {"key": point.key, "point": point.point_key, "seed": point.seed, **{k: getattr(a, k) for k in ("d_model", "layers", "E", "g", "k", "s", "vocab",
                                                               "ffn_ratio", "head_dim", "kv_heads")},
            "heads": a.n_heads, "tokens": point.tokens, "n_act": st.active_params, "e": a.e_law,
            "family": "dense" if a.is_dense else a.family.key(), "total_params": st.total_params,
@@ -158,7 +176,10 @@ def run_record(point: SweepPoint, **fields: Any) -> dict[str, Any]:
 def run_sweep(points: Iterable[SweepPoint], train_one: TrainOne, table: str | os.PathLike,
               out_root: str | os.PathLike, log: Callable[[str], None] | None = print,
               stop_on_error: bool = False) -> dict[str, Any]:
-    """Train every point not yet done; returns counts ``{"done", "skipped", "failed"}``."""
+    """Train every (point, seed) not yet done; returns counts ``{"done", "skipped", "failed"}``.
+
+    ``train_one(config, tokens, out_dir, seed)`` trains one run; each run has its own directory
+    ``out_root / key``."""
     table_ = RunTable(table)
     done = table_.done()
     out_root = Path(out_root)
@@ -171,10 +192,10 @@ def run_sweep(points: Iterable[SweepPoint], train_one: TrainOne, table: str | os
                 log(f"[{i}/{len(points)}] {p.key}: done already, skipped")
             continue
         if log:
-            log(f"[{i}/{len(points)}] {p.key}: training {p.arch.label()} on {p.tokens:.3g} tokens")
+            log(f"[{i}/{len(points)}] {p.key}: training {p.arch.label()} on {p.tokens:.3g} tokens, seed {p.seed}")
         t0 = time.perf_counter()
         try:
-            loss = float(train_one(p.arch.to_config(), p.tokens, out_root / p.key))
+            loss = float(train_one(p.arch.to_config(), p.tokens, out_root / p.key, p.seed))
             if not math.isfinite(loss):
                 raise SweepError(f"train_one returned a non-finite loss {loss}")
         except KeyboardInterrupt:
@@ -195,10 +216,63 @@ def run_sweep(points: Iterable[SweepPoint], train_one: TrainOne, table: str | os
     return counts
 
 
+def _point_of(row: dict[str, Any]) -> str:
+    """A row's point key: its ``point`` field, else (rows written before seeds) its key minus ``-S<n>``."""
+    if row.get("point"):
+        return str(row["point"])
+    key = str(row.get("key", ""))
+    head, sep, tail = key.rpartition("-S")
+    return head if sep and tail.isdigit() else key
+
+
+def summarize(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Finished runs grouped by point (architecture + tokens) over seeds.
+
+    Each group: ``point``, ``n`` (runs), ``seeds``, ``mean`` loss, ``std`` (sample, ddof 1) and
+    ``se`` = std / sqrt(n) (None when n = 1: one seed says nothing about the seed spread), plus the
+    first row's descriptive fields (label, family, tokens, n_act, int4_bytes). Only the latest
+    ``done`` row of each key counts, so a re-run replaces, never double-counts, a seed.
+    """
+    latest: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if "key" in r:
+            latest[r["key"]] = r
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in latest.values():
+        if r.get("status", "done") == "done" and isinstance(r.get("loss"), (int, float)):
+            groups.setdefault(_point_of(r), []).append(r)
+    out = []
+    for point, rs in groups.items():
+        losses = [float(r["loss"]) for r in rs]
+        n = len(losses)
+        mean = sum(losses) / n
+        std = math.sqrt(sum((x - mean) ** 2 for x in losses) / (n - 1)) if n > 1 else None
+        first = rs[0]
+        out.append({"point": point, **{k: first.get(k) for k in ("label", "family", "d_model", "tokens", "n_act", "e",
+                                                                  "int4_bytes")},
+                    "n": n, "seeds": sorted(int(r.get("seed", 0)) for r in rs), "mean": mean, "std": std,
+                    "se": std / math.sqrt(n) if std is not None else None})
+    return sorted(out, key=lambda g: (str(g["family"]), g["n_act"] or 0, g["tokens"] or 0, g["point"]))
+
+
+def format_summary(groups: list[dict[str, Any]]) -> str:
+    """The :func:`summarize` groups as a Markdown table (loss mean +- standard error, n)."""
+    lines = ["| model | family | tokens | active params | INT4 MB | val loss (mean +- SE) | n | seeds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for g in groups:
+        se = f" +- {g['se']:.4f}" if g["se"] is not None else " (1 seed)"
+        lines.append(f"| {g['label']} | {g['family']} | {float(g['tokens'] or 0):.3g} | "
+                     f"{float(g['n_act'] or 0) / 1e6:.2f}M | {float(g['int4_bytes'] or 0) / 1e6:.2f} | "
+                     f"{g['mean']:.4f}{se} | {g['n']} | {','.join(map(str, g['seeds']))} |")
+    return "\n".join(lines)
+
+
 def recipe_train_one(recipe_path: str | os.PathLike, stage: str | None = None, progress: bool = False) -> TrainOne:
     """A ``train_one`` that trains with the project's trainer: the recipe's data, tokenizer and
     optimiser settings (its first stage, or ``stage``), the sweep point's model config, and a
-    token budget of ``tokens`` (``max_steps = ceil(tokens / tokens_per_step)``)."""
+    token budget of ``tokens`` (``max_steps = ceil(tokens / tokens_per_step)``). The run's ``seed``
+    is added to the recipe's seed, which the trainer uses for both the initialisation
+    (``init_seed + seed``) and the data order, so seeds differ in both."""
     import copy
     import dataclasses
 
@@ -207,7 +281,7 @@ def recipe_train_one(recipe_path: str | os.PathLike, stage: str | None = None, p
     recipe = load_recipe(recipe_path)
     base_stage = recipe.stage(stage) if stage else recipe.stages[0]
 
-    def train_one(cfg: MobileMoEConfig, tokens: int, out_dir: Path) -> float:
+    def train_one(cfg: MobileMoEConfig, tokens: int, out_dir: Path, seed: int = 0) -> float:
         from mobilemoe.train.recipe import ModelSpec
         from mobilemoe.train.run import run_recipe
 
@@ -220,6 +294,7 @@ def recipe_train_one(recipe_path: str | os.PathLike, stage: str | None = None, p
         cfg.to_json(cfg_path)
         r = copy.deepcopy(recipe)
         r.model = ModelSpec(config=str(cfg_path), overrides={}, init_seed=recipe.model.init_seed)
+        r.seed = recipe.seed + int(seed)
         s = dataclasses.replace(copy.deepcopy(base_stage), tokens=int(tokens), max_steps=None, name="pretrain")
         r.stages = [s]
         reports = run_recipe(r, out_dir, stage="pretrain", resume=True, progress=progress)
