@@ -72,6 +72,15 @@ def shared_data() -> Callable[..., Path]:
     return require_shared_data
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls run fastest (and steadiest on a shared machine) on one intra-op thread."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import sys
+from typing import Callable
 
 from mobilemoe.errors import MobileMoEError
 
@@ -67,19 +68,25 @@ def describe_input_error(exc: BaseException) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_reporting_errors(prog: str, fn: Callable[[], int | None]) -> int:
+    """``fn()``'s exit code; an input error prints ``PROG: error: ...`` (one line) and gives 2,
+    Ctrl-C gives 130, and anything :func:`describe_input_error` does not know keeps its traceback."""
     try:
-        return int(args.func(args) or 0)
+        return int(fn() or 0)
     except KeyboardInterrupt:
-        print(f"mobilemoe {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
         message = describe_input_error(exc)
         if message is None:
             raise
-        print(f"mobilemoe {args.command}: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_reporting_errors(f"mobilemoe {args.command}", lambda: args.func(args))
 
 
 if __name__ == "__main__":

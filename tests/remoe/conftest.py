@@ -30,12 +30,8 @@ def mobilemoe_dir(tmp_path):
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one intra-op thread is fastest and immune to a busy shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every ReMoE test runs its tiny matmuls on one thread (tests/conftest.py)."""
 
 
 TEXT = ("The quick brown fox jumps over the lazy dog. The sky is blue and the grass is green. "

@@ -147,24 +147,18 @@ def summary(result: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mobilemoe.cli import describe_input_error
+    from mobilemoe.cli import run_reporting_errors
+
+    args = build_parser().parse_args(argv)
+    return run_reporting_errors(PROG, lambda: _run_and_write(args))
+
+
+def _run_and_write(args: argparse.Namespace) -> int:
     from mobilemoe.utils import atomic_write_text
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        result = run_device(args)
-        text = json.dumps(result, indent=2) + "\n"
-        atomic_write_text(args.out, text)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        message = describe_input_error(exc)
-        if message is None:
-            raise
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 2
+    result = run_device(args)
+    text = json.dumps(result, indent=2) + "\n"
+    atomic_write_text(args.out, text)
     if args.json:
         sys.stdout.write(text)
     else:

@@ -1,4 +1,9 @@
-"""``mobilemoe generate`` and ``mobilemoe chat``: text generation with the INT4 runtime."""
+"""``mobilemoe generate`` and ``mobilemoe chat``: text generation with the INT4 runtime.
+
+``generate --model`` also takes an exported ``.pte`` (ExecuTorch runtime) or ``.gguf`` (llama.cpp, in a
+child process) with the same sampling flags and ``--json`` record (its ``artifact`` says which); an
+artifact carries no mobilemoe tokenizer, so it takes ``--prompt-ids``.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +16,22 @@ from mobilemoe.commands.common import print_json
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (INT4 for the native runtime)")
+    p.add_argument("--model", required=True,
+                   help="checkpoint directory (INT4 for the native runtime), or an exported .pte (run by the "
+                        "ExecuTorch runtime) or .gguf (run by llama.cpp in a child process); artifacts take "
+                        "--prompt-ids, and neither --backend nor expert offloading")
     p.add_argument("--backend", default="auto", choices=["auto", "native", "reference"],
-                   help="auto: native for INT4 checkpoints when the extension is built, else reference")
-    p.add_argument("--max-seq-len", type=int, default=None, help="KV-cache length (default: the model's limit)")
+                   help="auto: native for INT4 checkpoints when the extension is built, else reference "
+                        "(checkpoint directories only)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="KV-cache length (default and bound: the model's limit; for a .pte its static cache, "
+                        "for a .gguf its context length)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    o = p.add_argument_group("expert offloading (native runtime, MoE models)")
+    o = p.add_argument_group("expert offloading (native runtime on a checkpoint directory, MoE models)")
     o.add_argument("--cache-experts", type=int, metavar="C",
                    help="keep routed experts on storage and cache C per MoE layer in RAM (top-k <= C <= experts)")
     o.add_argument("--max-memory", metavar="SIZE",
@@ -35,7 +46,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt",
                        description="Prefill a prompt, then decode with greedy / temperature / top-k / top-p "
-                                   "sampling, streaming tokens as they come.")
+                                   "sampling, streaming tokens as they come. --model is a checkpoint directory, an "
+                                   "ExecuTorch .pte or a llama.cpp .gguf: the same flags and --json record "
+                                   "(an artifact takes --prompt-ids).")
     add_engine_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs tokenizer.json in the checkpoint)")
@@ -67,7 +80,35 @@ def checked_flags(args):
     if args.max_new_tokens < 0:
         raise MobileMoEError(f"--max-new-tokens: expected >= 0, got {args.max_new_tokens}")
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    _check_artifact_flags(args)
     return sampling, _offload(args)
+
+
+_CHECKPOINT_ONLY = (("cache_experts", "--cache-experts"), ("max_memory", "--max-memory"),
+                    ("expert_store", "--expert-store"), ("keep_page_cache", "--keep-page-cache"))
+
+
+def _check_artifact_flags(args) -> None:
+    """An exported artifact runs in its own runtime as exported: the checkpoint runtime's flags do not
+    apply, and giving one is an error rather than a silently ignored setting."""
+    from mobilemoe.errors import MobileMoEError
+    from mobilemoe.runtime.artifacts import artifact_kind
+
+    kind = artifact_kind(args.model)
+    if kind == "checkpoint":
+        return
+    given = [flag for attr, flag in _CHECKPOINT_ONLY if getattr(args, attr, None)]
+    if args.backend != "auto":
+        given.insert(0, f"--backend {args.backend}")
+    if given:
+        raise MobileMoEError(f"{args.model}: {', '.join(given)} applies to checkpoint directories (the native "
+                             f"runtime), not to a .{kind}, which runs in its own runtime")
+
+
+def _artifact(model: str) -> str:
+    from mobilemoe.runtime.artifacts import artifact_kind
+
+    return artifact_kind(model)
 
 
 def load_engine(args, offload):
@@ -160,6 +201,7 @@ def stop_ids(engine, fmt, chat: bool) -> list[int]:
     stops = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
     if fmt is not None:
         stops = stops + (fmt.stop_ids if chat else fmt.eos_ids)
+    # (an artifact's eos comes in engine.config: a .gguf's tokenizer.ggml.eos_token_id)
     return list(dict.fromkeys(stops))
 
 
@@ -200,6 +242,10 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.system is not None and (not args.chat or text is None):
         raise MobileMoEError("--system needs --chat and a text prompt (--prompt or --prompt-file)")
     sampling, offload = checked_flags(args)
+    kind = _artifact(args.model)
+    if kind != "checkpoint" and (text is not None or args.chat):
+        raise MobileMoEError(f"{args.model}: a .{kind} carries no mobilemoe tokenizer or chat template: give "
+                             "token ids with --prompt-ids (and no --chat), or use the checkpoint directory")
     # the tokenizer and the template are checked before the model loads, too
     fmt = _chat_format(args.model, None if text is None else ("--chat" if args.chat else "a text prompt"))
     if args.prompt_ids is not None:  # taken as is (with --chat: the chat stop ids apply)
@@ -217,7 +263,7 @@ def run_generate(args: argparse.Namespace) -> int:
         "ids": result.ids,
         "stopped_by": result.stopped_by, "ttft_s": round(result.ttft_s, 4),
         "prefill_tok_s": round(result.prefill_tok_s, 1), "decode_tok_s": round(result.decode_tok_s, 1),
-        "backend": type(engine.backend).__name__,
+        "backend": type(engine.backend).__name__, "artifact": kind,
     }
     if getattr(engine.backend, "capacity", None) is not None:
         record["offload"] = engine.backend.offload_stats()
@@ -246,6 +292,10 @@ def run_chat(args: argparse.Namespace) -> int:
     from mobilemoe.errors import MobileMoEError
 
     sampling, offload = checked_flags(args)
+    if _artifact(args.model) != "checkpoint":
+        raise MobileMoEError(f"{args.model}: chat needs the checkpoint's tokenizer and chat template, which an "
+                             "exported artifact does not carry: chat on the checkpoint directory, or run "
+                             "`mobilemoe generate --prompt-ids` on the artifact")
     fmt = _chat_format(args.model, "chat")
     messages = _system(args)
     engine = load_engine(args, offload)

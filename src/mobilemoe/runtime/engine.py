@@ -2,7 +2,8 @@
 
 The engine owns everything around the forward pass (input checks, sampling, stop tokens,
 streaming, timing); the forward itself comes from a backend with three methods
-(``reset()``, ``forward(ids, start_pos) -> last-position logits [V]``, ``max_seq_len``):
+(``reset()``, ``forward(ids, start_pos) -> last-position logits [V]``, ``max_seq_len``). For a
+checkpoint directory:
 
 * ``native``: the INT4 model in the C++ extension (:mod:`mobilemoe.runtime.native`), repacked once
   at load, one native call per forward. The fast path.
@@ -12,6 +13,9 @@ streaming, timing); the forward itself comes from a backend with three methods
 
 With an :class:`~mobilemoe.runtime.offload.ExpertOffload` the native backend keeps routed experts on
 storage and caches C per MoE layer in RAM (:mod:`mobilemoe.runtime.offload`).
+
+An exported ``.pte`` (ExecuTorch) or ``.gguf`` (llama.cpp, in a child process) gets its backend from
+:mod:`mobilemoe.runtime.artifacts`.
 """
 
 from __future__ import annotations
@@ -91,17 +95,26 @@ class Engine:
     @classmethod
     def load(cls, path: str | os.PathLike, max_seq_len: int | None = None, backend: str = "auto",
              offload: "ExpertOffload | None" = None) -> "Engine":
-        """Open a checkpoint. ``backend``: auto (native for INT4 when built), native or reference.
+        """Open a checkpoint directory, an ExecuTorch ``.pte`` or a llama.cpp ``.gguf`` (by suffix).
+        ``backend``: auto (native for INT4 when built), native or reference (checkpoints only).
         ``offload``: keep routed experts on storage with a RAM cache (native backend only)."""
         from mobilemoe.checkpoint import CheckpointError
+        from mobilemoe.runtime.artifacts import artifact_kind, open_artifact
 
         path = Path(path)
+        _check_max_seq_len(max_seq_len)
+        kind = artifact_kind(path)
+        if kind != "checkpoint":  # an exported artifact runs in its own runtime, as exported
+            if backend != "auto":
+                raise MobileMoEError(f"{path}: --backend {backend} applies to checkpoint directories; "
+                                     f"a .{kind} runs in its own runtime")
+            if offload is not None:
+                raise MobileMoEError(f"{path}: expert offloading runs in the native runtime on a checkpoint "
+                                     f"directory, not on a .{kind}")
+            return cls(open_artifact(path, max_seq_len))
         cfg = MobileMoEConfig.from_json(path / "config.json") if path.is_dir() else None
         if cfg is None:
             raise CheckpointError(f"{path}: not a checkpoint directory")
-        if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
-                                        or max_seq_len < 1):
-            raise MobileMoEError(f"max_seq_len: expected a positive number of tokens, got {max_seq_len!r}")
         max_seq_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         impl = _make_backend(path, cfg, max_seq_len, backend, offload)
         return cls(impl, _load_tokenizer(path))
@@ -139,7 +152,8 @@ class Engine:
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
-            raise MobileMoEError("this checkpoint has no tokenizer.json: pass token ids instead of text")
+            raise MobileMoEError("this model has no tokenizer (a checkpoint without tokenizer.json, or an "
+                                 "exported artifact): pass token ids instead of text")
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:  # lone surrogates: how Python carries undecodable input bytes
@@ -179,6 +193,12 @@ class Engine:
                 result.decode_steps += 1
         result.decode_s = time.perf_counter() - t0
         return result
+
+
+def _check_max_seq_len(max_seq_len) -> None:
+    if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
+                                    or max_seq_len < 1):
+        raise MobileMoEError(f"max_seq_len: expected a positive number of tokens, got {max_seq_len!r}")
 
 
 def _load_tokenizer(path: Path):
