@@ -240,3 +240,15 @@ def test_int4_type_refuses_float_checkpoint(ckpts, tmp_path, capsys):
     assert "needs an INT4 checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "x.gguf").exists()
     assert export_gguf(ckpts["plain"], tmp_path / "f.gguf").type == "f16"  # float default unchanged
+
+
+def test_gguf_without_tokenizer_keeps_the_config_eos(tmp_path, build_ckpt):
+    """A checkpoint with no tokenizer.json still carries its stop id, so `generate --model X.gguf`
+    stops where the checkpoint does (the first id of an eos_token_id list)."""
+    pytest.importorskip("gguf")
+    from mobilemoe.runtime.artifacts import gguf_metadata
+
+    ck = build_ckpt(tmp_path / "ck", seed=5, eos_token_id=[7, 9])
+    assert not (ck / "tokenizer.json").exists()
+    export_gguf(ck, tmp_path / "m.gguf", "f32")
+    assert gguf_metadata(tmp_path / "m.gguf")["eos_token_id"] == 7

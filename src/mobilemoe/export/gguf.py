@@ -308,6 +308,9 @@ def export_gguf(ckpt: str | os.PathLike, out: str | os.PathLike, type: str | Non
     if tok is None:
         w.add_tokenizer_model("no_vocab")
         w.add_vocab_size(cfg.vocab_size)
+        eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id
+        if eos is not None:  # so `generate --model X.gguf` stops where the checkpoint does
+            w.add_eos_token_id(int(eos))
     else:
         report.tokenizer = "gpt2"
         w.add_tokenizer_model("gpt2")
