@@ -25,7 +25,6 @@ import time
 import numpy as np
 import torch
 
-from mobilemoe.errors import MobileMoEError
 from mobilemoe.remoe.adapters import HFAdapter
 from mobilemoe.remoe.data import batches
 from mobilemoe.remoe.losses import LossWeights
@@ -120,8 +119,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except MobileMoEError as exc:
-        print(f"remoe_gpu: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    from mobilemoe.cli import run_reporting_errors
+
+    sys.exit(run_reporting_errors("remoe_gpu", lambda: main() and 0))  # the report is printed; exit 0

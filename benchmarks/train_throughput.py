@@ -257,8 +257,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except MobileMoEError as exc:
-        print(f"train_throughput: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    from mobilemoe.cli import run_reporting_errors
+
+    sys.exit(run_reporting_errors("train_throughput", lambda: main() and 0))  # the report is printed; exit 0
