@@ -151,7 +151,7 @@ def test_decode_miss_profile_matches_eor_bound():
     rng = np.random.default_rng(0)
     ids = np.stack([np.stack([rng.choice(8, 2, replace=False) for _ in range(200)])])
     mask = np.r_[False, np.ones(199, bool)]
-    means, probs = D.decode_miss_profile(ids, [0], 2, mask)
+    means, probs = D.decode_miss_profile(ids, 2, mask)
     assert means[0] == pytest.approx(2 * (1 - eor(ids)))
     assert 0 < probs[0] <= 1
 

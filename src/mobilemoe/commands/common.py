@@ -18,3 +18,11 @@ def add_model_config_args(parser: argparse.ArgumentParser) -> None:
 def print_json(data: Any) -> None:
     json.dump(data, sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+def number_arg(text: str) -> float:
+    """argparse ``type=`` for a plain number, refused in argparse's own one-line error otherwise."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None

@@ -9,12 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+from mobilemoe.commands.common import number_arg as _float
 
 
 def _device_args(p: argparse.ArgumentParser, required: bool = True) -> None:

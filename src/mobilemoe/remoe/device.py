@@ -56,8 +56,10 @@ def projected_tpot_ms(misses_per_layer_token: np.ndarray | list[float], expert_b
     return float(compute_ms + io_s * 1e3)
 
 
-def miss_profile(ids: np.ndarray, capacity: int, policy: str = "lru") -> tuple[list[float], list[float]]:
-    """Per layer: mean misses per token and the fraction of tokens with any miss."""
+def miss_profile(ids: np.ndarray, capacity: int, policy: str = "lru",
+                 mask: np.ndarray | None = None) -> tuple[list[float], list[float]]:
+    """Per layer: mean misses per token and the fraction of tokens with any miss. ``mask`` [N] picks
+    the tokens counted (e.g. the generated ones); the others only warm the cache."""
     from mobilemoe.remoe.cache_sim import simulate_groups
 
     ids = np.asarray(ids)
@@ -66,6 +68,8 @@ def miss_profile(ids: np.ndarray, capacity: int, policy: str = "lru") -> tuple[l
         per: list[int] = []
         simulate_groups([tuple(int(e) for e in row) for row in ids[l]], capacity, policy, per_group=per)
         arr = np.asarray(per, dtype=float)
+        if mask is not None:
+            arr = arr[np.asarray(mask, bool)]
         means.append(float(arr.mean()) if arr.size else 0.0)
         probs.append(float((arr > 0).mean()) if arr.size else 0.0)
     return means, probs

@@ -312,25 +312,17 @@ def storage_latency_us(device: DeviceProfile, default: float = DEFAULT_STORAGE_L
     return float(v) if v else default
 
 
-def decode_miss_profile(ids: np.ndarray, seq_starts: Sequence[int], capacity: int,
+def decode_miss_profile(ids: np.ndarray, capacity: int,
                         mask: np.ndarray | None = None) -> tuple[list[float], list[float]]:
     """Per MoE layer: mean misses per counted token and the share of counted tokens with any miss, LRU
-    with ``capacity`` slots, the cache carried across sequences (as one runtime serving requests).
-    ``mask`` [N] picks the tokens counted (e.g. the generated ones); the rest only warm the cache."""
-    from mobilemoe.remoe.cache_sim import simulate_groups
+    with ``capacity`` slots, the cache carried across sequences (as one runtime serving requests):
+    :func:`mobilemoe.remoe.device.miss_profile` on a trace that must count at least one token."""
+    from mobilemoe.remoe.device import miss_profile
 
     ids = np.asarray(ids)
-    keep = np.ones(ids.shape[1], bool) if mask is None else np.asarray(mask, bool)
-    if not keep.any():
+    if ids.shape[1] == 0 or (mask is not None and not np.asarray(mask, bool).any()):
         raise DecideError("the trace has no tokens to count")
-    means, probs = [], []
-    for l in range(ids.shape[0]):
-        per: list[int] = []
-        simulate_groups([tuple(int(e) for e in row) for row in ids[l]], capacity, "lru", per_group=per)
-        arr = np.asarray(per, float)[keep]
-        means.append(float(arr.mean()))
-        probs.append(float((arr > 0).mean()))
-    return means, probs
+    return miss_profile(ids, capacity, "lru", mask)
 
 
 def offloaded_tpot_s(cfg: MobileMoEConfig, device: DeviceProfile, context: int, means: Sequence[float],
@@ -392,7 +384,7 @@ def remoe_vs_hardware(inp: RemoeInputs, device: DeviceProfile, upgrade: DevicePr
     """Decode TPOT under expert offloading: before ReMoE, after ReMoE (``device``), and before ReMoE on
     ``upgrade``; measured TPOT (this machine) where given; the verdict."""
     cfg, C, ctx = inp.cfg, inp.capacity, inp.context
-    prof = {k: decode_miss_profile(t.ids, t.seq_starts, C) for k, t in (("before", inp.before), ("after", inp.after))}
+    prof = {k: decode_miss_profile(t.ids, C) for k, t in (("before", inp.before), ("after", inp.after))}
     rows: dict[str, dict[str, Any]] = {}
     for name, dev, routers in (("before ReMoE", device, "before"), ("after ReMoE", device, "after")) + (
             (("upgrade, before ReMoE", upgrade, "before"), ("upgrade + ReMoE", upgrade, "after")) if upgrade else ()):
@@ -475,14 +467,10 @@ def measure_int4(rows: int, out_features: int = 4096, in_features: int = 4096, w
 
 
 def _memory_gib() -> float | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemTotal:"):
-                    return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return None
+    from mobilemoe.bench.system import memory_bytes
+
+    total = memory_bytes()["total"]
+    return round(total / 2**30, 1) if total else None
 
 
 def measure_profile(name: str = "this-machine", gemm_rows: int = 256, quick: bool = False,

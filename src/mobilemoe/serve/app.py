@@ -96,7 +96,7 @@ class _Server:
         given = self.settings.chat_stop_ids if chat else self.settings.text_stop_ids
         if given is not None:
             return given
-        return self.chat.stop_ids if chat else getattr(self.chat, "eos_ids", self.chat.stop_ids)
+        return self.chat.stop_ids if chat else self.chat.eos_ids
 
     # ---------------------------------------------------------------- running a job
     def start(self, req: P.ChatRequest | P.CompletionRequest) -> tuple[Job, asyncio.Queue, int]:

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from mobilemoe.runtime.sampling import MAX_SEED
+
 MAX_STOP_STRINGS = 16
 
 
@@ -56,7 +58,7 @@ class _Common(_Strict):
     temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=0)  # not OpenAI's; vLLM and llama.cpp take it too
-    seed: int | None = Field(None, ge=0, le=2**64 - 1)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -30,7 +30,7 @@ bool avx512_supported() {
 }
 // AMX needs the CPU (CPUID, XCR0) and the kernel's permission for the tile state (arch_prctl,
 // requested once); where either is missing the avx512 entry below is the best.
-bool amx_supported() { return avx512_supported() && mm_amx_cpu_has() && mm_amx_enable(); }
+bool amx_supported() { return avx512_supported() && mm_amx_enable(); }  // enable checks CPUID/XCR0 first
 #endif
 bool always_supported() { return true; }
 

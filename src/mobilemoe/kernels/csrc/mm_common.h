@@ -97,6 +97,20 @@ static inline void mm_prefetch_lookahead(const uint8_t* start) {
       gemm_t<false>(W, tile_stride, nkb, t0, t1, q, d, s, m, out, ldo, n_valid);                       \
   }
 
+// MM_DEFINE_GEMM with the tile_group of a unit whose tile_kernel<MB, WS> blocks up to 4 tokens.
+#define MM_DEFINE_GEMM_4                                                                               \
+  template <bool WS>                                                                                   \
+  void tile_group(int64_t mb, const uint8_t* wt, int64_t nkb, const int8_t* q, const float* d,         \
+                  const int32_t* s, float* out, int64_t ldo, int n_store) {                            \
+    switch (mb) {                                                                                      \
+      case 1: tile_kernel<1, WS>(wt, nkb, q, d, s, out, ldo, n_store); break;                          \
+      case 2: tile_kernel<2, WS>(wt, nkb, q, d, s, out, ldo, n_store); break;                          \
+      case 3: tile_kernel<3, WS>(wt, nkb, q, d, s, out, ldo, n_store); break;                          \
+      default: tile_kernel<4, WS>(wt, nkb, q, d, s, out, ldo, n_store); break;                         \
+    }                                                                                                  \
+  }                                                                                                    \
+  MM_DEFINE_GEMM(4)
+
 extern const mm_kernels mm_kernels_portable;
 #if defined(__x86_64__) || defined(_M_X64)
 extern const mm_kernels mm_kernels_avx2;    // built only on x86-64 (see setup.py)

@@ -218,7 +218,7 @@ AttendFn attend_avx512_for(int64_t G, int64_t D) {
 }
 #endif
 
-// The AVX-512 versions of this file's kernels run exactly when the matmuls do (ops.cpp's ISA
+// The AVX-512 versions of this file's kernels run exactly when the matmuls do (dispatch.cpp's ISA
 // decision: set_isa > MOBILEMOE_KERNEL_ISA > best, which implies avx512f and fma); AVX2 and
 // portable use the portable attention and router.
 bool use_avx512() {
@@ -384,17 +384,19 @@ class NativeModel {
         max_len(max_len), cos_(cos.contiguous()), sin_(sin.contiguous()), embed_q(embed_q.contiguous()),
         embed_s(embed_s.contiguous()), head(head), final_norm(final_norm.contiguous()) {
     TORCH_CHECK(cos_.size(0) >= max_len && cos_.size(1) == D / 2, "rope tables must be [max_len, D/2]");
+    // MOBILEMOE_PREFILL_ATTENTION=sdpa keeps ATen's fp32 SDPA (to compare speed and logits); read
+    // once here, not on every forward.
+    const char* pa = std::getenv("MOBILEMOE_PREFILL_ATTENTION");
+    sdpa_forced = pa && std::string(pa) == "sdpa";
     pick_paths();
   }
 
-  // Pick this file's kernels from the current ISA decision. Called by every forward (an atomic
-  // load), so set_isa() after construction still governs them.
+  // Pick this file's kernels from the current ISA decision. Called by every forward (a few atomic
+  // loads of the cached decision), so set_isa() after construction still governs them.
   void pick_paths() {
     isa_name = mobilemoe_api::current_isa().name;
     attend = pick_attend(D, nH / nKV);
-    // MOBILEMOE_PREFILL_ATTENTION=sdpa keeps ATen's fp32 SDPA (to compare speed and logits).
-    const char* pa = std::getenv("MOBILEMOE_PREFILL_ATTENTION");
-    prefill_bf16 = prefill_bf16_available(D) && !(pa && std::string(pa) == "sdpa");
+    prefill_bf16 = !sdpa_forced && prefill_bf16_available(D);
     router_rows = pick_router();
   }
 
@@ -830,6 +832,7 @@ class NativeModel {
   Profiler prof;
   AttendFn attend;
   bool prefill_bf16 = false;  // prefill attention on the AVX-512 BF16 kernel (else ATen SDPA)
+  bool sdpa_forced = false;   // MOBILEMOE_PREFILL_ATTENTION=sdpa at construction
   RouterFn router_rows;
   std::string isa_name;  // the ISA decision pick_paths() last saw
   int store_fd = -1;

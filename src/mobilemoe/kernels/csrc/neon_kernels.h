@@ -261,19 +261,7 @@ void tile_kernel(const uint8_t* wt, int64_t nkb, const int8_t* q, const float* d
   }
 }
 
-// Tokens j0 .. j0+mb-1 against one tile, on the register-blocked kernel for mb rows.
-template <bool WS>
-void tile_group(int64_t mb, const uint8_t* wt, int64_t nkb, const int8_t* q, const float* d, const int32_t* s,
-                float* out, int64_t ldo, int n_store) {
-  switch (mb) {
-    case 1: tile_kernel<1, WS>(wt, nkb, q, d, s, out, ldo, n_store); break;
-    case 2: tile_kernel<2, WS>(wt, nkb, q, d, s, out, ldo, n_store); break;
-    case 3: tile_kernel<3, WS>(wt, nkb, q, d, s, out, ldo, n_store); break;
-    default: tile_kernel<4, WS>(wt, nkb, q, d, s, out, ldo, n_store); break;
-  }
-}
-
-MM_DEFINE_GEMM(4)
+MM_DEFINE_GEMM_4
 
 }  // namespace
 
