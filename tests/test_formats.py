@@ -107,6 +107,27 @@ def test_checkpoint_name_map_follows_the_rule():
             assert (expected[qn], expected[sn]) == formats.int4_shapes(spec.shape)
 
 
+def test_expert_group_axis_rule():
+    """`in`-grouped experts store [E, out, in] with groups along `in`; linear weights never change."""
+    from mobilemoe.checkpoint import expected_tensors
+    from mobilemoe.layout import QUANTIZED_ROLES, tensor_specs
+
+    assert formats.int4_group_dim(stacked_experts=True, expert_axis="in") == -2
+    assert formats.int4_group_dim(stacked_experts=True) == formats.int4_group_dim(False, "in") == -1
+    assert formats.int4_shapes((4, 64, 96), group_dim=-2) == ((4, 96, 32), (4, 96, 2))
+    with pytest.raises(ValueError, match="expert group axis"):
+        formats.int4_group_dim(True, "rows")
+    assert formats.block_expert_axis(formats.int4_quantization_block("in")) == "in"
+    assert formats.block_expert_axis(INT4_QUANTIZATION_BLOCK) == "out"
+    cfg = preset("tiny-moe", expert_quant_group_axis="in", quantization=formats.int4_quantization_block("in"))
+    expected = expected_tensors(cfg)
+    for spec in tensor_specs(cfg):
+        if spec.role in QUANTIZED_ROLES:
+            qn, sn = formats.int4_names(spec.name, spec.role == "experts")
+            dim = -2 if spec.role == "experts" else -1
+            assert (expected[qn], expected[sn]) == formats.int4_shapes(spec.shape, dim)
+
+
 def test_one_unpack_function():
     from mobilemoe import quant
     from mobilemoe.kernels import pack

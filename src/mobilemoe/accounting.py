@@ -11,6 +11,8 @@ Conventions (stated so numbers are comparable with the papers):
   4 x heads x head_dim x context per layer (QK^T and AV).
 * *INT4 weight bytes*: ``mobilemoe-int4-g32``: quantized tensors (embedding, linears, experts) at
   half a byte per value plus one fp16 scale per 32 values; router fp32; norms and expert_bias bf16.
+  The same for either routed-expert group axis (``expert_quant_group_axis``: the groups move, their
+  count does not).
 * *Weight bytes read per decoded token*: what a memory-bound decoder streams: every dense tensor,
   top-k of the routed experts, the full LM head, and one embedding row.
 """

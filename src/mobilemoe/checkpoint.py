@@ -5,7 +5,9 @@ names equal the model's ``state_dict`` keys) into the tensor names and shapes a 
 the BF16/FP32 format or the packed ``mobilemoe-int4-g32`` format of the released QAT checkpoints,
 whose naming and shape rules are :func:`mobilemoe.formats.int4_names` and
 :func:`~mobilemoe.formats.int4_shapes`. Code that needs the file name of a tensor asks
-:func:`quantized_names` (or :func:`expected_tensors`), never assembles it.
+:func:`quantized_names` (or :func:`expected_tensors`), never assembles it; code that encodes or
+decodes one asks :func:`quantized_group_dim` which dim its groups run along (the routed experts'
+follows the config's ``expert_quant_group_axis``).
 
 Every file is written atomically (temp file + rename). Loading validates the whole file set first
 and reports every missing, unexpected, wrong-shaped or wrong-dtype tensor in one message, then
@@ -29,7 +31,7 @@ from safetensors.torch import save_file
 
 from mobilemoe.config import MobileMoEConfig, read_json_file
 from mobilemoe.errors import MobileMoEError
-from mobilemoe.formats import CODE_DTYPE, SCALE_DTYPE, int4_names, int4_shapes
+from mobilemoe.formats import CODE_DTYPE, SCALE_DTYPE, int4_group_dim, int4_names, int4_shapes
 from mobilemoe.layout import QUANTIZED_ROLES, TensorSpec, tensor_specs
 from mobilemoe.utils import atomic_path, atomic_write_text
 
@@ -49,13 +51,19 @@ def quantized_names(spec: TensorSpec) -> tuple[str, str]:
     return int4_names(spec.name, stacked_experts=spec.role == "experts")
 
 
+def quantized_group_dim(cfg: MobileMoEConfig, spec: TensorSpec) -> int:
+    """The logical dim a quantized tensor's INT4 groups run along (stored last): -1, or -2 for routed
+    experts of a config with ``expert_quant_group_axis`` "in" (:func:`mobilemoe.formats.int4_group_dim`)."""
+    return int4_group_dim(spec.role == "experts", cfg.expert_quant_group_axis)
+
+
 def expected_tensors(cfg: MobileMoEConfig) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape that a checkpoint of this config must contain (format from cfg.quantization)."""
     out: dict[str, tuple[int, ...]] = {}
     for spec in tensor_specs(cfg):
         if cfg.is_quantized and spec.role in QUANTIZED_ROLES:
             qname, sname = quantized_names(spec)
-            out[qname], out[sname] = int4_shapes(spec.shape)
+            out[qname], out[sname] = int4_shapes(spec.shape, quantized_group_dim(cfg, spec))
         else:
             out[spec.name] = spec.shape
     return out
@@ -360,7 +368,8 @@ def dequantized_state_dict(cfg: MobileMoEConfig, tensors: dict[str, torch.Tensor
     for spec in tensor_specs(cfg):
         if spec.role in QUANTIZED_ROLES:
             qname, sname = quantized_names(spec)
-            state[spec.name] = dequantize(tensors[qname], tensors[sname], dtype=dtype)
+            state[spec.name] = dequantize(tensors[qname], tensors[sname], dtype=dtype,
+                                          group_dim=quantized_group_dim(cfg, spec))
         else:
             state[spec.name] = tensors[spec.name]
     return state

@@ -10,6 +10,14 @@ reproduce the released models, so released configs never need them):
 * ``router_type``: ``"sigmoid"`` (MobileMoE / DeepSeek-V3 style) or ``"softmax"`` (Mixtral/Qwen style).
 * ``num_shared_experts``: 1 (MobileMoE) or 0 (no shared expert, e.g. Mixtral/Qwen3-MoE shapes).
 
+and one chooses the INT4 layout of models trained here (:mod:`mobilemoe.formats`):
+
+* ``expert_quant_group_axis``: ``"out"`` (the released format, the default) or ``"in"``: the axis of
+  the routed experts [E, in, out] that INT4 groups run along, in QAT, the converter and every reader
+  of INT4 experts. ``"in"`` makes the whole model exact GGUF Q4_0; the native runtime runs only
+  ``"out"``. An INT4 config records it in ``quantization.expert_group_axis`` (absent = ``"out"``);
+  the two must agree.
+
 A dense model is a config with ``num_local_experts == 0``: every layer is a SwiGLU FFN of width
 ``intermediate_size_mlp``.
 
@@ -32,7 +40,16 @@ from pathlib import Path
 from typing import Any
 
 from mobilemoe.errors import MobileMoEError
-from mobilemoe.formats import GROUP_SIZE, INT4_FORMAT, INT4_QUANTIZATION_BLOCK
+from mobilemoe.formats import (
+    DEFAULT_EXPERT_GROUP_AXIS,
+    EXPERT_GROUP_AXES,
+    EXPERT_GROUP_AXIS_FIELD,
+    EXPERT_GROUP_AXIS_TEXT,
+    GROUP_SIZE,
+    INT4_FORMAT,
+    INT4_QUANTIZATION_BLOCK,
+    block_expert_axis,
+)
 
 QUANT_FORMAT_INT4 = INT4_FORMAT
 KNOWN_QUANT_FORMATS = (QUANT_FORMAT_INT4,)
@@ -145,6 +162,7 @@ class MobileMoEConfig:
     # mobilemoe extensions (defaults reproduce the released models)
     router_type: str = "sigmoid"
     num_shared_experts: int = 1
+    expert_quant_group_axis: str = DEFAULT_EXPERT_GROUP_AXIS  # INT4 group axis of routed experts: out | in
     # everything else found in a config.json, kept verbatim
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -225,6 +243,9 @@ class MobileMoEConfig:
             raise _err(source, "num_shared_experts", "0 or 1", self.num_shared_experts)
         if self.router_type not in ROUTER_TYPES:
             raise _err(source, "router_type", f"one of {ROUTER_TYPES}", self.router_type)
+        if self.expert_quant_group_axis not in EXPERT_GROUP_AXES:
+            raise _err(source, EXPERT_GROUP_AXIS_FIELD, f"one of {list(EXPERT_GROUP_AXES)}",
+                       self.expert_quant_group_axis)
         if not isinstance(self.no_rope_layers, list) or len(self.no_rope_layers) != self.num_hidden_layers:
             got = len(self.no_rope_layers) if isinstance(self.no_rope_layers, list) else self.no_rope_layers
             raise _err(source, "no_rope_layers",
@@ -281,6 +302,13 @@ class MobileMoEConfig:
         scale_dtype = INT4_QUANTIZATION_BLOCK["scale_dtype"]
         if q.get("scale_dtype", scale_dtype) != scale_dtype:
             raise _err(source, "quantization.scale_dtype", repr(scale_dtype), q.get("scale_dtype"))
+        axis = block_expert_axis(q)  # a value we cannot read would misplace every expert code: refuse it
+        if axis is None:
+            raise _err(source, "quantization.expert_group_axis", f"one of {list(EXPERT_GROUP_AXIS_TEXT.values())}",
+                       q.get("expert_group_axis"))
+        if axis != self.expert_quant_group_axis:
+            raise _err(source, EXPERT_GROUP_AXIS_FIELD, f"{axis!r}, the axis quantization.expert_group_axis "
+                       f"records", self.expert_quant_group_axis)
         # Every packed axis must split into whole groups.
         grouped = {"hidden_size": self.hidden_size, "intermediate_size_mlp": self.intermediate_size_mlp,
                    "head_dim * num_attention_heads": self.head_dim * self.num_attention_heads}
@@ -299,6 +327,8 @@ class MobileMoEConfig:
             value = getattr(self, f.name)
             if f.name == "quantization" and value is None:
                 continue  # a missing block means a BF16 checkpoint
+            if f.name == EXPERT_GROUP_AXIS_FIELD and value == DEFAULT_EXPERT_GROUP_AXIS:
+                continue  # the released layout: written only when it differs
             out[f.name] = copy.deepcopy(value)
         out.update(copy.deepcopy(self.extra))
         return out
@@ -327,6 +357,9 @@ class MobileMoEConfig:
             raise ConfigError(f"{source or 'config'}: missing required field(s) {fields} "
                               f"(the model's shape is never guessed)")
         extra = {k: v for k, v in data.items() if k not in names}
+        q = known.get("quantization")
+        if EXPERT_GROUP_AXIS_FIELD not in known and isinstance(q, dict) and block_expert_axis(q) is not None:
+            known[EXPERT_GROUP_AXIS_FIELD] = block_expert_axis(q)  # the block alone says it
         for f in dataclasses.fields(cls):
             if f.name in known and f.type in ("int", "float", "bool") and known[f.name] is None:
                 raise _err(source, f.name, f"a {f.type}", None)

@@ -9,6 +9,13 @@ Three formats, from the file on disk to the bytes the kernels stream:
    * one fp16 scale per :data:`GROUP_SIZE` consecutive values along the LAST axis of the logical
      tensor: linear weights are [out, in] (groups along ``in``), stacked experts [E, in, out] (groups
      along ``out``);
+   * the one option (mobilemoe checkpoints only, never the released ones): the routed experts' group
+     axis, :data:`EXPERT_GROUP_AXES`, set by the config field :data:`EXPERT_GROUP_AXIS_FIELD` and
+     recorded in the ``quantization`` block as ``expert_group_axis`` (absent = ``out``). With ``in``
+     each expert is stored TRANSPOSED, [E, out, in] grouped along its last axis (``in``): for each
+     expert and output column, groups of 32 consecutive input rows, i.e. GGUF Q4_0's blocks, so
+     llama.cpp export copies them code for code. :func:`int4_group_dim` states which logical dim a
+     tensor's groups run along; codes and scales store that dim last (:func:`int4_shapes`);
    * two's-complement nibbles, two per byte, the even index in the LOW nibble (:func:`pack_int4`);
    * tensor names (:func:`int4_names`): ``X.weight`` -> ``X.qweight`` + ``X.weight_scale``;
      ``experts.gate_up_proj`` -> ``experts.gate_up_qweight`` + ``experts.gate_up_scale`` (likewise down).
@@ -48,19 +55,50 @@ def __getattr__(name: str) -> Any:
         return getattr(torch, _DTYPES[name])
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-# The ``quantization`` block of a released INT4 checkpoint's config.json, verbatim.
-INT4_QUANTIZATION_BLOCK: dict[str, Any] = {
-    "format": INT4_FORMAT,
-    "group_size": GROUP_SIZE,
-    "embedding_group_size": GROUP_SIZE,
-    "qmin": QMIN,
-    "qmax": QMAX,
-    "symmetric": True,
-    "packed": True,
-    "scale_dtype": _DTYPES["SCALE_DTYPE"],
-    "linear_group_axis": "in (last dim of [out, in])",
-    "expert_group_axis": "out (last dim of [E, in, out])",
-}
+# The routed experts' INT4 group axis: "out" (the released format, the default) or "in".
+EXPERT_GROUP_AXES = ("out", "in")
+DEFAULT_EXPERT_GROUP_AXIS = "out"
+EXPERT_GROUP_AXIS_FIELD = "expert_quant_group_axis"  # the MobileMoEConfig field that chooses it
+# How the quantization block spells each axis ("out": the released checkpoints' text, verbatim).
+EXPERT_GROUP_AXIS_TEXT = {"out": "out (last dim of [E, in, out])",
+                          "in": "in (each expert stored transposed, last dim of [E, out, in])"}
+
+
+def int4_quantization_block(expert_axis: str = DEFAULT_EXPERT_GROUP_AXIS) -> dict[str, Any]:
+    """The ``quantization`` block of an INT4 checkpoint's config.json (``out``: the released one, verbatim)."""
+    return {
+        "format": INT4_FORMAT,
+        "group_size": GROUP_SIZE,
+        "embedding_group_size": GROUP_SIZE,
+        "qmin": QMIN,
+        "qmax": QMAX,
+        "symmetric": True,
+        "packed": True,
+        "scale_dtype": _DTYPES["SCALE_DTYPE"],
+        "linear_group_axis": "in (last dim of [out, in])",
+        "expert_group_axis": EXPERT_GROUP_AXIS_TEXT[expert_axis],
+    }
+
+
+INT4_QUANTIZATION_BLOCK: dict[str, Any] = int4_quantization_block()
+
+
+def block_expert_axis(block: dict[str, Any]) -> str | None:
+    """The expert group axis a ``quantization`` block records: ``out`` when the field is absent (every
+    checkpoint written before the option), None for a value that is not one of the known spellings."""
+    value = block.get("expert_group_axis", EXPERT_GROUP_AXIS_TEXT[DEFAULT_EXPERT_GROUP_AXIS])
+    for axis, text in EXPERT_GROUP_AXIS_TEXT.items():
+        if value in (axis, text):
+            return axis
+    return None
+
+
+def int4_group_dim(stacked_experts: bool, expert_axis: str = DEFAULT_EXPERT_GROUP_AXIS) -> int:
+    """The dim of a logical tensor its INT4 groups run along: -1 (the last) for linear weights [out, in]
+    and for experts [E, in, out] grouped along ``out``; -2 for experts grouped along ``in``."""
+    if expert_axis not in EXPERT_GROUP_AXES:
+        raise ValueError(f"expert group axis: expected one of {list(EXPERT_GROUP_AXES)}, got {expert_axis!r}")
+    return -2 if stacked_experts and expert_axis == "in" else -1
 
 
 def int4_names(name: str, stacked_experts: bool) -> tuple[str, str]:
@@ -76,8 +114,12 @@ def int4_names(name: str, stacked_experts: bool) -> tuple[str, str]:
 INT4_SUFFIXES = tuple(n.removeprefix("x") for n in (*int4_names("x.weight", False), *int4_names("x_proj", True)))
 
 
-def int4_shapes(shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Logical shape [..., n] -> (codes shape [..., n/2], scales shape [..., n/GROUP_SIZE])."""
+def int4_shapes(shape: tuple[int, ...], group_dim: int = -1) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Logical shape -> (codes shape, scales shape), the grouped dim ``group_dim`` (:func:`int4_group_dim`)
+    stored last: [..., n] -> [..., n/2] / [..., n/GROUP_SIZE] for -1; [..., m, n] -> [..., n, m/2] /
+    [..., n, m/GROUP_SIZE] for -2."""
+    shape = list(shape)
+    shape.append(shape.pop(group_dim))
     *lead, n = shape
     return (*lead, n // 2), (*lead, n // GROUP_SIZE)
 

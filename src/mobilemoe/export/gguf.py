@@ -56,12 +56,22 @@ factors are always f32), ``q8_0`` and ``q4_0``. From an INT4 (``mobilemoe-int4-g
 of the attention, shared-expert, dense-FFN and embedding matrices is *exact*: our codes are Q4_0's
 ``q - 8`` with the same signed fp16 scale per 32 inputs; only the nibble order inside a block differs
 (Q4_0 keeps element j in the low nibble of byte j and element j+16 in the high nibble) and is
-reordered here. The routed experts are grouped along their *output* axis in our format but GGUF blocks
-run along the input axis, so no 4-bit GGUF block holds them exactly: ``q4_0`` re-quantizes them
-(4-8% RMS weight error), ``int4`` writes them as Q8_0 of their exactly decoded values (0.4-0.5% RMS,
-below the Q8_0 rounding llama.cpp applies to every activation anyway) and keeps everything else
-code-exact Q4_0: ~1.7x the checkpoint, as close to the INT4 forward as the native runtime (measured
-numbers: ``src/mobilemoe/export/README.md``).
+reordered here. The routed experts depend on the checkpoint's ``quantization.expert_group_axis``
+(config field ``expert_quant_group_axis``):
+
+* ``out`` (the released format, the default): grouped along their *output* axis, but GGUF blocks run
+  along the input axis, so no 4-bit GGUF block holds them exactly: ``q4_0`` re-quantizes them
+  (3.8-7.7% RMS weight error on tiny models, 8.2-8.4% on the released mobilemoe-s layout; llama.cpp's
+  logits then differ from the INT4 forward by ~1e-1 on a tiny model), ``int4`` writes them as Q8_0 of
+  their exactly decoded values (0.4-0.5% RMS, below the Q8_0 rounding llama.cpp applies to every
+  activation anyway) and keeps everything else code-exact Q4_0: ~1.7x the checkpoint, as close to the
+  INT4 forward as the native runtime (measured numbers: ``src/mobilemoe/export/README.md``).
+* ``in`` (models trained/quantized here with ``expert_quant_group_axis: "in"``): each expert is stored
+  [E, out, in] with groups along ``in``, which is exactly GGUF's ``ffn_{gate,up,down}_exps`` layout
+  and Q4_0's blocks, so ``int4`` and ``q4_0`` (identical files then) copy the routed experts code for
+  code too: the whole model is exact Q4_0 at 1.0x the checkpoint (``report.exact_q4_0`` counts
+  every matmul weight, ``report.requantized`` is empty) and llama.cpp's logits equal the INT4 forward
+  to float rounding (tests/export/test_export_gguf_expert_axis.py).
 """
 
 from __future__ import annotations
@@ -165,17 +175,21 @@ def int4_from_q4_0(blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class _Source:
-    """A logical tensor: float values, or (from an INT4 checkpoint) its packed codes + scales."""
+    """A logical tensor: float values, or (from an INT4 checkpoint) its packed codes + scales, stored
+    with the grouped dim ``group_dim`` (:func:`mobilemoe.checkpoint.quantized_group_dim`) last."""
     value: torch.Tensor | None = None
     qweight: torch.Tensor | None = None
     scales: torch.Tensor | None = None
+    group_dim: int = -1
 
     def float(self) -> torch.Tensor:
-        return self.value.float() if self.value is not None else dequantize(self.qweight, self.scales)
+        if self.value is not None:
+            return self.value.float()
+        return dequantize(self.qweight, self.scales, group_dim=self.group_dim)
 
 
 def _read(ckpt: str | os.PathLike) -> tuple[MobileMoEConfig, dict[str, _Source]]:
-    from mobilemoe.checkpoint import load_tensors, quantized_names
+    from mobilemoe.checkpoint import load_tensors, quantized_group_dim, quantized_names
     from mobilemoe.layout import QUANTIZED_ROLES, tensor_specs
 
     cfg, tensors = load_tensors(ckpt)
@@ -183,7 +197,7 @@ def _read(ckpt: str | os.PathLike) -> tuple[MobileMoEConfig, dict[str, _Source]]
     for spec in tensor_specs(cfg):
         if cfg.is_quantized and spec.role in QUANTIZED_ROLES:
             qn, sn = quantized_names(spec)
-            out[spec.name] = _Source(qweight=tensors[qn], scales=tensors[sn])
+            out[spec.name] = _Source(qweight=tensors[qn], scales=tensors[sn], group_dim=quantized_group_dim(cfg, spec))
         else:
             out[spec.name] = _Source(value=tensors[spec.name])
     return cfg, out
@@ -248,13 +262,17 @@ def _tokenizer_fields(path: Path, cfg: MobileMoEConfig) -> dict | None:
 
 # ---------------------------------------------------------------------- export
 def default_type(cfg: MobileMoEConfig) -> str:
-    """``int4`` for INT4 checkpoints (as faithful as the native runtime at <2x the size), else ``f16``."""
+    """``int4`` for INT4 checkpoints (as faithful as the native runtime at <2x the size for experts
+    grouped along ``out``; all exact Q4_0 at 1.0x for ``in``), else ``f16``."""
     return "int4" if cfg.is_quantized else "f16"
 
 
 def export_gguf(ckpt: str | os.PathLike, out: str | os.PathLike, type: str | None = None) -> GGUFExportReport:
     """Write ``out`` (a GGUF for llama.cpp's ``exaone-moe``) from a mobilemoe checkpoint directory.
-    ``type``: one of :data:`TYPES`; None picks :func:`default_type`."""
+    ``type``: one of :data:`TYPES`; None picks :func:`default_type`. Exact Q4_0 copies (see the module
+    docstring): with ``int4`` / ``q4_0``, every matrix grouped along ``in`` -- all of them when the
+    checkpoint's routed experts are grouped along ``in``; otherwise the experts are Q8_0 (``int4``)
+    or re-quantized Q4_0 (``q4_0``, 3.8-8.4% RMS weight error)."""
     gguf = _gguf()
     if type is not None and type not in TYPES:
         raise ExportError(f"unknown GGUF type {type!r}: choose one of {TYPES}")
@@ -268,8 +286,9 @@ def export_gguf(ckpt: str | os.PathLike, out: str | os.PathLike, type: str | Non
     tok = _tokenizer_fields(ckpt, cfg)
     H, D, L = cfg.hidden_size, cfg.head_dim, cfg.num_hidden_layers
     qt = gguf.GGMLQuantizationType
-    # int4: weights whose INT4 groups run along `in` copy into Q4_0 code for code (add_weight); the
-    # rest (the routed experts, grouped along `out`) are written as Q8_0 of their exact values.
+    # int4: weights whose INT4 groups run along `in` copy into Q4_0 code for code (add_weight, and
+    # add_experts for experts grouped along `in`); experts grouped along `out` are written as Q8_0 of
+    # their exact values.
     wtype = {"f32": qt.F32, "f16": qt.F16, "q8_0": qt.Q8_0, "q4_0": qt.Q4_0, "int4": qt.Q8_0}[type]
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
@@ -340,6 +359,7 @@ def export_gguf(ckpt: str | os.PathLike, out: str | os.PathLike, type: str | Non
             arr = q4_0_from_int4(unpack_int4(qweight), scales)
             w.add_tensor(name, arr, raw_dtype=qt.Q4_0)
             report.exact_q4_0.append(name)
+            report.bytes += arr.nbytes
         else:
             t = s.float()
             if rows_perm is not None:
@@ -364,6 +384,21 @@ def export_gguf(ckpt: str | os.PathLike, out: str | os.PathLike, type: str | Non
         _add_float(name, t)
         report.tensors += 1
 
+    def add_expert_pair(names: tuple[str, ...], s: _Source) -> None:
+        """A stacked expert tensor [E, in, out] -> GGUF [E, out, in] (gate_up: split into gate and up
+        along out). Experts grouped along `in` are stored [E, out, in], GGUF's own layout: their packed
+        rows go through add_weight (Q4_0 code for code for int4/q4_0, like every linear weight)."""
+        if s.qweight is not None and s.group_dim == -2:
+            rows = s.qweight.shape[1] // len(names)
+            for k, name in enumerate(names):
+                part = slice(k * rows, (k + 1) * rows)
+                add_weight(name, _Source(qweight=s.qweight[:, part], scales=s.scales[:, part]))
+            return
+        t = s.float().transpose(1, 2)  # [E, out, in], y = x @ W
+        rows = t.shape[1] // len(names)
+        for k, name in enumerate(names):
+            add_experts(name, t[:, k * rows:(k + 1) * rows])
+
     add_weight("token_embd.weight", src["model.embed_tokens.weight"])
     add_f32("output_norm.weight", src["model.norm.weight"].float())
     # exaone-moe requires output.weight (its tied fallback is unreachable): tied checkpoints write a
@@ -376,7 +411,6 @@ def export_gguf(ckpt: str | os.PathLike, out: str | os.PathLike, type: str | Non
         add_f32("rope_freqs.weight", (base / rope_inv_freq(cfg).double()).float())
     nH, nKV = cfg.num_attention_heads, cfg.num_key_value_heads
     ones = torch.ones(D)
-    I = cfg.intermediate_size
     for i in range(L):
         p, b = f"model.layers.{i}", f"blk.{i}"
         add_f32(f"{b}.attn_norm.weight", src[f"{p}.input_layernorm.weight"].float())
@@ -397,11 +431,9 @@ def export_gguf(ckpt: str | os.PathLike, out: str | os.PathLike, type: str | Non
             continue
         add_f32(f"{b}.ffn_gate_inp.weight", src[f"{f}.router.weight"].float())
         add_f32(f"{b}.exp_probs_b.bias", src[f"{f}.expert_bias"].float())
-        gate_up = src[f"{f}.experts.gate_up_proj"].float()  # [E, H, 2I], y = x @ W
-        add_experts(f"{b}.ffn_gate_exps.weight", gate_up[:, :, :I].transpose(1, 2))  # [E, I, H]
-        add_experts(f"{b}.ffn_up_exps.weight", gate_up[:, :, I:].transpose(1, 2))
-        del gate_up
-        add_experts(f"{b}.ffn_down_exps.weight", src[f"{f}.experts.down_proj"].float().transpose(1, 2))
+        # gate_up [E, H, 2I] (gate = the first I outputs) -> gate, up [E, I, H]; down [E, I, H] -> [E, H, I]
+        add_expert_pair((f"{b}.ffn_gate_exps.weight", f"{b}.ffn_up_exps.weight"), src[f"{f}.experts.gate_up_proj"])
+        add_expert_pair((f"{b}.ffn_down_exps.weight",), src[f"{f}.experts.down_proj"])
         add_weight(f"{b}.ffn_gate_shexp.weight", src[f"{f}.shared_expert.gate_proj.weight"])
         add_weight(f"{b}.ffn_up_shexp.weight", src[f"{f}.shared_expert.up_proj.weight"])
         add_weight(f"{b}.ffn_down_shexp.weight", src[f"{f}.shared_expert.down_proj.weight"])

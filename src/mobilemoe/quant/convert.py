@@ -4,10 +4,11 @@ The output has exactly the layout of ``facebook/MobileMoE-*-QAT`` (``shared/spec
 
 * embedding / linear / lm_head / routed-expert weights -> U8 packed codes + F16 scales, named by
   :func:`mobilemoe.checkpoint.quantized_names`, grouped along the last logical axis
-  (``in`` of [out, in]; ``out`` of [E, in, out]);
+  (``in`` of [out, in]; ``out`` of [E, in, out]), or, for routed experts of a config with
+  ``expert_quant_group_axis: "in"``, along ``in`` (stored [E, out, in]; the block then records it);
 * routers -> F32 (never quantized); norms, expert_bias (and attention biases, if any) -> BF16;
-* ``config.json`` with ``quantization`` = :data:`mobilemoe.config.INT4_QUANTIZATION_BLOCK` and
-  ``torch_dtype`` "bfloat16".
+* ``config.json`` with ``quantization`` = :func:`mobilemoe.formats.int4_quantization_block` of the
+  config's expert axis (for ``out``, the released block verbatim) and ``torch_dtype`` "bfloat16".
 
 Codes come from :func:`mobilemoe.quant.int4.quantize`, the function QAT fake-quantizes with
 (:mod:`mobilemoe.quant.qat`), so a QAT-trained model converts to exactly the weights it trained with.
@@ -33,6 +34,7 @@ from mobilemoe.checkpoint import (
     _validate,
     expected_tensors,
     is_finite,
+    quantized_group_dim,
     quantized_names,
     save_tensors,
 )
@@ -41,7 +43,7 @@ from mobilemoe.errors import MobileMoEError
 from mobilemoe.layout import QUANTIZED_ROLES, TensorSpec, tensor_specs
 from mobilemoe.quant.int4 import quantize
 
-from mobilemoe.formats import GROUP_SIZE, INT4_SUFFIXES
+from mobilemoe.formats import GROUP_SIZE, INT4_SUFFIXES, int4_quantization_block
 
 
 class QuantizeError(MobileMoEError, ValueError):
@@ -77,7 +79,7 @@ def int4_config(cfg: MobileMoEConfig) -> MobileMoEConfig:
     if cfg.is_quantized:
         raise QuantizeError(f"config is already quantized (quantization.format "
                             f"{cfg.quantization.get('format')!r}); expected a float config")
-    return cfg.replace(quantization=dict(INT4_QUANTIZATION_BLOCK), torch_dtype="bfloat16")
+    return cfg.replace(quantization=int4_quantization_block(cfg.expert_quant_group_axis), torch_dtype="bfloat16")
 
 
 def _looks_int4(names) -> list[str]:
@@ -91,8 +93,10 @@ def _int4_layout_error(where: str, names: list[str]) -> QuantizeError:
                          f"expected float (BF16/FP32) weights")
 
 
-def convert_tensor(spec: TensorSpec, t: torch.Tensor, group_size: int = GROUP_SIZE) -> dict[str, torch.Tensor]:
-    """One float tensor -> its tensors in the INT4 checkpoint (by checkpoint name)."""
+def convert_tensor(spec: TensorSpec, t: torch.Tensor, group_size: int = GROUP_SIZE,
+                   group_dim: int = -1) -> dict[str, torch.Tensor]:
+    """One float tensor -> its tensors in the INT4 checkpoint (by checkpoint name); ``group_dim``:
+    :func:`mobilemoe.checkpoint.quantized_group_dim` of the tensor."""
     t = t.detach().cpu()
     if not t.is_floating_point():
         raise QuantizeError(f"{spec.name}: expected a floating-point tensor, got {t.dtype}")
@@ -102,7 +106,7 @@ def convert_tensor(spec: TensorSpec, t: torch.Tensor, group_size: int = GROUP_SI
         raise QuantizeError(f"{spec.name}: has non-finite values (NaN/inf); cannot quantize")
     if spec.role in QUANTIZED_ROLES:
         try:
-            codes, scales = quantize(t, group_size)  # refuses a scale that overflows fp16
+            codes, scales = quantize(t, group_size, group_dim)  # refuses a scale that overflows fp16
         except ValueError as exc:
             raise QuantizeError(f"{spec.name}: {str(exc).removeprefix('quantize: ')}") from None
         qname, sname = quantized_names(spec)
@@ -133,7 +137,7 @@ def quantize_state_dict(cfg: MobileMoEConfig, state: dict[str, torch.Tensor]
     group = int(qcfg.quantization["group_size"])
     out: dict[str, torch.Tensor] = {}
     for spec in tensor_specs(cfg):
-        out.update(convert_tensor(spec, state[spec.name], group))
+        out.update(convert_tensor(spec, state[spec.name], group, quantized_group_dim(cfg, spec)))
     return qcfg, out
 
 
@@ -186,7 +190,7 @@ def quantize_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike,
             except Exception as exc:
                 raise CheckpointError(f"{path}: cannot read {spec.name!r} ({type(exc).__name__}: {exc})") from None
             try:
-                tensors.update(convert_tensor(spec, t, group))
+                tensors.update(convert_tensor(spec, t, group, quantized_group_dim(cfg, spec)))
             except QuantizeError as exc:  # name the file too; nothing has been written yet
                 raise QuantizeError(f"{path}: {exc}") from None
             n_quantized += spec.role in QUANTIZED_ROLES

@@ -5,7 +5,9 @@ INT4 checkpoint will hold:
 
 * every linear weight (attention, shared expert, dense FFN, untied LM head), logical [out, in],
   grouped along ``in``;
-* both stacked routed-expert weights, logical [E, in, out], grouped along ``out``;
+* both stacked routed-expert weights, logical [E, in, out], grouped along ``out`` (or along ``in``
+  when the config's ``expert_quant_group_axis`` is ``"in"``:
+  :func:`mobilemoe.checkpoint.quantized_group_dim`, the same rule the converter follows);
 * the token embedding [V, H] (grouped along ``H``), both as the lookup table and as the tied LM head;
 * RMSNorm weights (and attention biases, if any) are rounded to BF16, the dtype the checkpoint
   stores them in, so the QAT forward sees the deployed numbers everywhere. ``expert_bias`` is also
@@ -43,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mobilemoe.checkpoint import quantized_group_dim
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.layout import QUANTIZED_ROLES, tensor_specs
 from mobilemoe.model import MobileMoEForCausalLM, RMSNorm, rms_norm
@@ -59,17 +62,17 @@ class QATError(MobileMoEError, ValueError):
 # ---------------------------------------------------------------------- fake-quant functions
 class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w: torch.Tensor, group_size: int) -> torch.Tensor:  # type: ignore[override]
-        return fake_quantize(w, group_size)
+    def forward(ctx, w: torch.Tensor, group_size: int, group_dim: int) -> torch.Tensor:  # type: ignore[override]
+        return fake_quantize(w, group_size, group_dim)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return grad, None
+        return grad, None, None
 
 
-def fake_quantize_ste(w: torch.Tensor, group_size: int = GROUP_SIZE) -> torch.Tensor:
-    """INT4 group fake quantization along the last axis, with a straight-through gradient."""
-    return _FakeQuantSTE.apply(w, group_size)
+def fake_quantize_ste(w: torch.Tensor, group_size: int = GROUP_SIZE, group_dim: int = -1) -> torch.Tensor:
+    """INT4 group fake quantization along ``group_dim`` (default the last axis), with a straight-through gradient."""
+    return _FakeQuantSTE.apply(w, group_size, group_dim)
 
 
 def fake_quantize_int8_per_token(x: torch.Tensor) -> torch.Tensor:
@@ -141,16 +144,19 @@ class QATEmbedding(nn.Embedding):
 
 
 class QATStackedExperts(StackedExperts):
-    """Routed experts computed with INT4 fake-quantized [E, in, out] weights (grouped along ``out``).
+    """Routed experts computed with INT4 fake-quantized [E, in, out] weights (grouped along ``out``,
+    or ``in``: ``qat_group_dim``, set by :func:`prepare_qat` from the config).
 
     The parent's forward asks for the weights once per forward (all experts are fake-quantized, so
     the numbers never depend on which experts a batch happens to use); the dispatch is the parent's.
     """
 
     qat_activations = "none"
+    qat_group_dim = -1
 
     def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return fake_quantize_ste(self.gate_up_proj), fake_quantize_ste(self.down_proj)
+        d = self.qat_group_dim
+        return fake_quantize_ste(self.gate_up_proj, GROUP_SIZE, d), fake_quantize_ste(self.down_proj, GROUP_SIZE, d)
 
     def activation(self, x: torch.Tensor) -> torch.Tensor:
         return _act(self, x)
@@ -175,14 +181,14 @@ _BASE_CLASS = {qat: base for base, qat in _QAT_CLASS.items()}
 
 
 # ---------------------------------------------------------------------- prepare / remove
-def _targets(model: nn.Module) -> dict[str, nn.Module]:
+def _targets(model: nn.Module) -> dict[str, tuple[nn.Module, int]]:
     """Modules whose weights the INT4 format quantizes, plus the norms it stores in BF16 (from the
-    layout's roles; the router is never a target)."""
+    layout's roles; the router is never a target), each with its weights' INT4 group dim."""
     cfg = getattr(model, "config", None)
     if cfg is None:
         raise QATError(f"prepare_qat: expected a MobileMoEForCausalLM (with .config), got {type(model).__name__}")
     modules = dict(model.named_modules())
-    out: dict[str, nn.Module] = {}
+    out: dict[str, tuple[nn.Module, int]] = {}
     for spec in tensor_specs(cfg):
         if spec.role not in QUANTIZED_ROLES and spec.role != "norm":
             continue
@@ -190,7 +196,7 @@ def _targets(model: nn.Module) -> dict[str, nn.Module]:
         module = modules.get(path)
         if module is None:
             raise QATError(f"prepare_qat: the model has no module {path!r} for tensor {spec.name!r}")
-        out[path] = module
+        out[path] = module, quantized_group_dim(cfg, spec)
     return out
 
 
@@ -216,10 +222,12 @@ def prepare_qat(model: nn.Module, activations: str = "none") -> nn.Module:
     cfg = model.config
     if cfg.is_quantized:
         raise QATError("prepare_qat: the model's config carries a quantization block; QAT needs a float model")
-    for path, module in targets.items():
+    for path, (module, group_dim) in targets.items():
         _swap(module, path)
         if isinstance(module, (QATLinear, QATStackedExperts)):
             module.qat_activations = activations
+        if isinstance(module, QATStackedExperts):
+            module.qat_group_dim = group_dim
     _swap(model, "<model>")
     model.qat_activations = activations
     return model
@@ -232,6 +240,7 @@ def remove_qat(model: nn.Module) -> nn.Module:
         if base is not None:
             module.__class__ = base
             module.__dict__.pop("qat_activations", None)
+            module.__dict__.pop("qat_group_dim", None)
     return model
 
 
@@ -244,5 +253,5 @@ def qat_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The fake-quantized value of every quantized tensor, by state_dict name (no grad)."""
     state = model.state_dict()
     with torch.no_grad():
-        return {s.name: fake_quantize(state[s.name]) for s in tensor_specs(model.config)
-                if s.role in QUANTIZED_ROLES}
+        return {s.name: fake_quantize(state[s.name], GROUP_SIZE, quantized_group_dim(model.config, s))
+                for s in tensor_specs(model.config) if s.role in QUANTIZED_ROLES}

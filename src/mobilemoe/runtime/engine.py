@@ -9,7 +9,9 @@ checkpoint directory:
   at load, one native call per forward. The fast path.
 * ``reference``: :class:`mobilemoe.model.MobileMoEForCausalLM` on the exactly-decoded weights
   (:func:`mobilemoe.checkpoint.load_model`). Slow; the correctness reference and the fallback
-  when the extension is not built.
+  when the extension is not built, and for INT4 checkpoints whose routed experts are grouped along
+  ``in`` (``expert_quant_group_axis``), which the native kernels do not read: ``auto`` picks it for
+  them (one line on stderr), ``native`` and offloading refuse them.
 
 With an :class:`~mobilemoe.runtime.offload.ExpertOffload` the native backend keeps routed experts on
 storage and caches C per MoE layer in RAM (:mod:`mobilemoe.runtime.offload`).
@@ -21,6 +23,7 @@ An exported ``.pte`` (ExecuTorch) or ``.gguf`` (llama.cpp, in a child process) g
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,10 +212,35 @@ def _load_tokenizer(path: Path):
     return Tokenizer.load(path)
 
 
+_NOTED_REFERENCE: set[str] = set()  # checkpoints already told (once per process) they run on the reference
+
+
+def _native_layout_problem(path: Path, cfg: MobileMoEConfig) -> str | None:
+    """Why the native runtime cannot read this INT4 checkpoint's layout (None if it can)."""
+    from mobilemoe.formats import DEFAULT_EXPERT_GROUP_AXIS
+
+    if cfg.is_quantized and cfg.expert_quant_group_axis != DEFAULT_EXPERT_GROUP_AXIS:
+        return (f"{path / 'config.json'}: field 'quantization.expert_group_axis' is "
+                f"{cfg.expert_quant_group_axis!r}; the native runtime reads only routed experts grouped along "
+                f"{DEFAULT_EXPERT_GROUP_AXIS!r}")
+    return None
+
+
 def _make_backend(path: Path, cfg: MobileMoEConfig, max_seq_len: int, backend: str,
                   offload: "ExpertOffload | None" = None) -> Backend:
     if backend not in ("auto", "native", "reference"):
         raise MobileMoEError(f"unknown backend {backend!r}: choose auto, native or reference")
+    layout = _native_layout_problem(path, cfg)
+    if layout is not None and (offload is not None or backend == "native"):
+        what = "expert offloading runs in the native runtime" if offload is not None else "--backend native"
+        raise MobileMoEError(f"{layout} ({what}): use --backend reference without offloading, export it "
+                             f"with `mobilemoe export gguf`, or quantize its float checkpoint with "
+                             f"expert_quant_group_axis 'out'")
+    if layout is not None and backend == "auto":
+        if str(path) not in _NOTED_REFERENCE:
+            _NOTED_REFERENCE.add(str(path))
+            print(f"{layout}: using the reference (PyTorch) backend", file=sys.stderr)
+        return ReferenceBackend(path, max_seq_len)
     if offload is not None:  # only the native runtime offloads: its checks below then apply
         if backend == "reference":
             raise MobileMoEError(f"{path}: expert offloading runs in the native runtime, not the reference backend")
