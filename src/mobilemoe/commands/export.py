@@ -59,15 +59,20 @@ def register(subparsers) -> None:
 
     et = sub.add_parser("executorch", help="an ExecuTorch .pte (XNNPACK, 8da4w)",
                         description="torch.export -> XNNPACK partitioner -> .pte, built from the model's own "
-                                    "modules with a static KV cache; MoE: the chosen experts gathered per token "
-                                    "(fp32) or every expert as per-expert linears (8da4w, torchao's default here); "
-                                    "a `prefill` method for whole chunks and a one-token `forward`.")
+                                    "modules with a static KV cache; MoE: only the chosen experts run (fp32: gathered "
+                                    "per token; 8da4w: ExecuTorch's llama::quantized_moe_ffn op on INT4 experts "
+                                    "re-quantized along `in`, whose x86 kernel is a slow reference one: see "
+                                    "export/README.md); a `prefill` method for whole chunks and a one-token `forward`.")
     et.add_argument("ckpt", metavar="CKPT")
     et.add_argument("out", metavar="OUT.pte")
     et.add_argument("--max-seq-len", type=int, default=512, help="static KV cache length (default 512)")
     et.add_argument("--quantize", choices=["8da4w", "none"], default="8da4w")
     et.add_argument("--prefill-chunk", type=int, default=None,
                     help="tokens per prefill call (default: the exporter's PREFILL_CHUNK; 0: no prefill method)")
+    et.add_argument("--experts", default=None, metavar="{gather,dense,op,op8}",
+                    help="routed-expert dispatch: gather (fp32 default), op (8da4w default: INT4 experts in "
+                         "quantized_moe_ffn), op8 (INT8 experts in the op), dense (every expert on every token, "
+                         "XNNPACK linears: faster on x86 today, reads all experts)")
     et.set_defaults(func=_executorch)
 
     pr = sub.add_parser("patch-gguf-routers", help="replace the router tensors of a GGUF (ReMoE output)",
@@ -114,7 +119,8 @@ def _executorch(args: argparse.Namespace) -> int:
     if chunk < 0 or chunk > args.max_seq_len:
         raise MobileMoEError(f"--prefill-chunk: expected 0..--max-seq-len ({args.max_seq_len}), got {chunk}")
     out = export_executorch(args.ckpt, args.out, max_seq_len=args.max_seq_len,
-                            quantize=None if args.quantize == "none" else args.quantize, prefill_chunk=chunk)
+                            quantize=None if args.quantize == "none" else args.quantize, prefill_chunk=chunk,
+                            experts=args.experts)
     print(f"exported {args.ckpt} -> {out} (ExecuTorch XNNPACK, {args.quantize}, max_seq_len {args.max_seq_len})")
     return 0
 

@@ -2,33 +2,43 @@
 
 The exported program is the reference :class:`~mobilemoe.model.MobileMoEForCausalLM` itself with the
 few pieces that cannot be exported swapped for export-friendly ones (gpt-fast style); norms, RoPE,
-QK-norm, attention, routing math and SwiGLU run the model's own code:
+QK-norm, attention and SwiGLU run the model's own code:
 
 * KV cache -> :class:`StaticKVCache`: the model's ``KVCache`` interface over registered buffers
   that the program mutates in place (``index_copy_`` at ``input_pos + arange(T)``), so the cache
   lives inside the loaded method between calls. Attention runs over the whole cache with the mask
   ``key_pos <= query_pos``, which also hides the unwritten slots.
-* Router top-k -> :func:`mobilemoe.moe.select_topk_static`: the same rule (ties to the lower
-  index) without a sort, which ExecuTorch has no kernel for.
-* Expert dispatch: the model groups tokens by expert (argsort + per-expert slices), whose shapes
-  depend on the data. Swapped for :class:`GatheredExperts` (fp32: gathers the k chosen experts'
-  weights per token and runs the model's expert SwiGLU on them as batched matmuls, so decode reads
-  k experts, not E) or :class:`DenseExperts` (8da4w: every expert as the model's ``SwiGLU`` of
-  ``nn.Linear`` layers, which torchao quantizes and XNNPACK lowers; each expert's output is scaled
-  by its combine weight, zero where a token did not choose it, so it costs E/k times the routed
-  FLOPs).
+* MoE, quantized program (default for 8da4w): each :class:`MoEBlock` -> :class:`QuantizedMoE`, one
+  call of ExecuTorch's ``llama::quantized_moe_ffn`` custom op (kernel in the pip runtime): router
+  GEMM, sigmoid, top-k on score + expert_bias with ties to the lower index (the model's rule),
+  renormalised combine weights x ``routed_scaling_factor``, then only the chosen experts' INT4 weights
+  are unpacked and multiplied; the block's shared expert stays the model's ``SwiGLU`` (8da4w). The op
+  groups its INT4 weights along ``in``, the checkpoint along ``out``, so the experts are re-quantized
+  (:func:`int4_along_in`, the checkpoint's rounding rule; error in ``export/README.md``).
+  ``experts="op8"`` stores INT8 instead (0.5% RMS weight error, 1.7x the expert bytes).
+* MoE, fp32 program: router top-k -> :func:`mobilemoe.moe.select_topk_static` (the same rule
+  without a sort, which ExecuTorch has no kernel for) and the model's data-dependent dispatch ->
+  :class:`GatheredExperts` (gathers the k chosen experts' weights per token and runs the model's
+  expert SwiGLU on them as batched matmuls, so decode reads k experts, not E).
+* :class:`DenseExperts` (``experts="dense"``; the 8da4w fallback for configs the op cannot compute,
+  :func:`moe_op_unsupported`): every expert as the model's ``SwiGLU`` of ``nn.Linear`` layers, which
+  torchao quantizes and XNNPACK lowers, each output scaled by its combine weight (zero where a token
+  did not choose it): E/k times the routed FLOPs, and every expert's weights read per token.
 * Tied output head -> an ``nn.Linear`` copy of the embedding, so 8da4w quantizes it while the
   embedding lookup stays fp32. Routers stay fp32 and unquantized, as in the checkpoint format.
 
 ``forward(tokens [1, T] int64, input_pos [1] int64) -> logits [1, T, V]`` accepts any T eagerly, but
 with executorch 1.5.1 lowering specialises a dynamic length to the example's size, so the ``.pte``
 holds fixed-length methods over one shared cache (``share_mutable_buffers``): ``forward`` (T = 1,
-decode) and, with ``prefill_chunk`` > 1, ``prefill`` (T = prefill_chunk). :class:`PteRunner` feeds a
-prompt in whole chunks, then the rest one token per call.
+decode) and, with ``prefill_chunk`` > 1, ``prefill`` (T = prefill_chunk; the op routes the whole
+chunk in one call). :class:`PteRunner` feeds a prompt in whole chunks, then the rest one token per call.
 
 8da4w (int8 dynamic per-token activations, int4 symmetric group-32 weights) re-quantizes the decoded
 weights with torchao's own scales, so its logits differ from the fp32 model by quantization error;
-``quantize=None`` exports fp32 and matches the eager model to float rounding.
+``quantize=None`` exports fp32 and matches the eager model to float rounding. On x86 the pip
+runtime's ``quantized_moe_ffn`` takes its reference path (unpack the chosen expert, fp32 GEMM), so
+the routed experts see fp32 activations, and it is slow: there the routed program decodes at 0.37-0.58x
+the dense one on tiny shapes despite reading k of E experts (numbers in ``export/README.md``).
 
 Tested with executorch 1.5.1 + torchao 0.18.0 (installed ``--no-deps``) beside torch 2.13.0; they
 need ``ruamel.yaml`` and ``flatbuffers`` at import.
@@ -37,6 +47,7 @@ need ``ruamel.yaml`` and ``flatbuffers`` at import.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,7 +58,7 @@ from mobilemoe.errors import MobileMoEError
 from mobilemoe.export.common import ExportError
 from mobilemoe.model import MobileMoEForCausalLM
 from mobilemoe.moe import MoEBlock, StackedExperts, SwiGLU, select_topk_static
-from mobilemoe.quant.int4 import GROUP_SIZE
+from mobilemoe.quant.int4 import GROUP_SIZE, QMAX, QMIN
 from mobilemoe.utils import atomic_path
 
 
@@ -128,6 +139,156 @@ class DenseExperts(nn.Module):
         return out
 
 
+# ---------------------------------------------------------------------- routed INT4 MoE (custom op)
+# ExecuTorch's ``llama::quantized_moe_ffn`` (executorch/extension/llm/custom_ops/op_moe.cpp): router
+# GEMM, sigmoid (or softmax), top-k on score + bias (ties to the lower index), renormalised weights x
+# route_scale, then one INT4 (or INT8) grouped GEMM pair per expert that some token chose. The pip
+# runtime (``portable_lib``) registers its kernel; ``libcustom_ops_aot_lib.so`` registers it for
+# torch.export and eager calls. Its weights are torchao's "universal" 8da4w blobs (below), one per
+# expert, grouped along ``in`` (K) with fp32 scales; on x86 the runtime unpacks a chosen expert's
+# blob and runs an fp32 GEMM (activations are not quantized).
+OP_NR, OP_KR, OP_SR = 8, 16, 2  # torchao's universal packing parameters (nr, kr, sr)
+OP_HEADER_BYTES = 64  # torchao PackedWeightsHeader: magic, format, 14 int params
+_OP_HEADER_MAGIC, _OP_FORMAT_UNIVERSAL = 6712, 1
+
+
+def _load_moe_op() -> None:
+    try:
+        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (loads the AOT library)
+    except Exception as exc:  # an ImportError, or the library's own assertion
+        raise MobileMoEError(f"ExecuTorch's llama custom ops are not loadable ({type(exc).__name__}: {exc})") from None
+    if not hasattr(torch.ops.llama, "quantized_moe_ffn"):
+        raise MobileMoEError("this ExecuTorch has no llama::quantized_moe_ffn op")
+
+
+def moe_op_unsupported(cfg: MobileMoEConfig, expert_bias: torch.Tensor | None = None) -> str | None:
+    """Why ``llama::quantized_moe_ffn`` cannot compute this config's routed experts (None: it can)."""
+    if not cfg.norm_topk_prob:
+        return "norm_topk_prob=false (the op always renormalises the chosen scores)"
+    for name in ("hidden_size", "intermediate_size"):
+        if getattr(cfg, name) % GROUP_SIZE:
+            return f"{name}={getattr(cfg, name)} is not a multiple of {GROUP_SIZE}"
+    if cfg.router_type == "softmax" and expert_bias is not None and bool(expert_bias.ne(0).any()):
+        return "a softmax router with a non-zero expert_bias (the op selects on raw logits)"
+    return None
+
+
+def int4_along_in(w: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric INT4 codes int8 [..., N, K] and fp32 scales [..., N, K/g] of ``w`` grouped along the
+    LAST axis, by the checkpoint's rule (signed scale = group extreme / -8, round, clamp to [-8, 7]).
+    A group holding NaN/inf gets a NaN scale (and codes 0): it decodes to NaN, never to a finite lie."""
+    groups = w.float().unflatten(-1, (-1, group_size))
+    extreme = groups.gather(-1, groups.abs().nan_to_num(float("inf")).argmax(-1, keepdim=True)).squeeze(-1)
+    scales = extreme / QMIN
+    scales = torch.where(torch.isfinite(groups).all(-1), scales, torch.full_like(scales, float("nan")))
+    safe = torch.where(scales == 0, torch.ones_like(scales), scales)
+    codes = torch.clamp(torch.round(groups / safe.unsqueeze(-1)), QMIN, QMAX).nan_to_num(0.0).to(torch.int8)
+    return codes.flatten(-2), scales
+
+
+def dequant_along_in(codes: torch.Tensor, scales: torch.Tensor, group_size: int = GROUP_SIZE) -> torch.Tensor:
+    """The values :func:`int4_along_in`'s codes and scales stand for (fp32)."""
+    return (codes.float().unflatten(-1, (-1, group_size)) * scales.unsqueeze(-1)).flatten(-2)
+
+
+def pack_universal(codes: torch.Tensor, scales: torch.Tensor, nbit: int = 4, group_size: int = GROUP_SIZE
+                   ) -> torch.Tensor:
+    """One weight [N, K] (codes int8, scales fp32 [N, K/g]) as torchao's universal 8-bit-activation /
+    ``nbit``-bit-weight blob (``torchao::weight_packing::pack_weights<nbit, 8, 16, 2>`` behind a
+    :data:`OP_HEADER_BYTES` header; no zero points, no bias), the layout ``quantized_moe_ffn`` reads.
+
+    Per tile of 8 rows and per group: the group's 16-value chunks, each an [8 rows, 16] block reordered
+    to [2, 8 rows, 8] and packed 4 bits a value (offset +8; byte i = v[i] | v[i + 16] << 4 over each 32
+    values) or 8 bits (int8 as is); then the 8 rows' fp32 scales and int32 code sums."""
+    N, K = codes.shape
+    G = K // group_size
+    rows = -(-N // OP_NR) * OP_NR
+    q = torch.zeros(rows, K, dtype=torch.int16)
+    q[:N] = codes.to(torch.int16)
+    s = torch.zeros(rows, G, dtype=torch.float32)
+    s[:N] = scales.float()
+    tiles, chunks = rows // OP_NR, group_size // OP_KR
+    # [tile, row, group, chunk, sr, kr/sr] -> [tile, group, chunk, sr, row, kr/sr]
+    v = q.view(tiles, OP_NR, G, chunks, OP_SR, OP_KR // OP_SR).permute(0, 2, 3, 4, 1, 5)
+    if nbit == 4:
+        v = (v.reshape(tiles, G, chunks, -1, 32) + 8).to(torch.uint8)
+        packed = (v[..., :16] | (v[..., 16:] << 4)).reshape(tiles, G, -1)
+    elif nbit == 8:
+        packed = v.to(torch.int8).reshape(tiles, G, -1).view(torch.uint8)
+    else:
+        raise ExportError(f"quantized_moe_ffn weights are 4 or 8 bits, not {nbit}")
+    scale_bytes = s.view(tiles, OP_NR, G).permute(0, 2, 1).contiguous().view(torch.uint8).reshape(tiles, G, -1)
+    sums = q.view(tiles, OP_NR, G, group_size).sum(-1, dtype=torch.int32).permute(0, 2, 1).contiguous()
+    body = torch.cat([packed, scale_bytes, sums.view(torch.uint8).reshape(tiles, G, -1)], -1).reshape(-1)
+    header = torch.zeros(OP_HEADER_BYTES // 4, dtype=torch.int32)
+    header[:8] = torch.tensor([_OP_HEADER_MAGIC, _OP_FORMAT_UNIVERSAL, nbit, 0, 0, OP_NR, OP_KR, OP_SR])
+    return torch.cat([header.view(torch.uint8), body])
+
+
+def op_expert_weights(experts: StackedExperts) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w13 [E, 2I, H], w2 [E, H, I]) in the op's [out, in] orientation: w13 = gate rows then up rows
+    (the op computes silu(first I) * second I, as the model's gate/up split)."""
+    gate_up, down = experts.expert_weights()
+    return gate_up.detach().transpose(1, 2).float(), down.detach().transpose(1, 2).float()
+
+
+def requantized_experts(experts: StackedExperts) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's (gate_up [E, H, 2I], down [E, I, H]) as the op's INT4 blobs decode them: the values
+    a reference model needs to compute the same function as :class:`QuantizedMoE`."""
+    w13, w2 = op_expert_weights(experts)
+    return (dequant_along_in(*int4_along_in(w13)).transpose(1, 2).contiguous(),
+            dequant_along_in(*int4_along_in(w2)).transpose(1, 2).contiguous())
+
+
+class QuantizedMoE(nn.Module):
+    """A :class:`MoEBlock` as one ``llama::quantized_moe_ffn`` call (router, top-k, only the chosen
+    experts' INT4 weights) plus the block's own shared expert. ``forward(x) -> (out, None)``: the
+    routing stays inside the op."""
+
+    def __init__(self, block: MoEBlock, nbit: int = 4) -> None:
+        super().__init__()
+        _load_moe_op()
+        cfg = block.cfg
+        reason = moe_op_unsupported(cfg, block.expert_bias)
+        if reason:
+            raise ExportError(f"cannot route the INT4 experts with quantized_moe_ffn: {reason}; "
+                              "export with experts='dense'")
+        self.num_experts, self.k = cfg.num_local_experts, cfg.num_experts_per_tok
+        self.hidden, self.width, self.nbit = cfg.hidden_size, cfg.intermediate_size, nbit
+        self.score_func = cfg.router_type
+        # The softmax path has no route_scale: fold the model's factor into the down projection.
+        self.route_scale = float(cfg.routed_scaling_factor) if cfg.router_type == "sigmoid" else 1.0
+        w13, w2 = op_expert_weights(block.experts)
+        if cfg.router_type != "sigmoid":
+            w2 = w2 * cfg.routed_scaling_factor
+        quant = int4_along_in if nbit == 4 else _int8_along_in
+        self.register_buffer("gate_weight", block.router.weight.detach().float().clone())
+        self.register_buffer("expert_bias", block.expert_bias.detach().float().clone()
+                             if cfg.router_type == "sigmoid" else torch.empty(0))
+        self.register_buffer("packed_w13", torch.stack([pack_universal(*quant(w), nbit) for w in w13]))
+        self.register_buffer("packed_w2", torch.stack([pack_universal(*quant(w), nbit) for w in w2]))
+        self.shared_expert = block.shared_expert
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        shape = x.shape
+        h = x.reshape(-1, shape[-1]).float()
+        out = torch.ops.llama.quantized_moe_ffn(
+            h, self.gate_weight, self.expert_bias, self.packed_w13, self.packed_w2, self.k, self.num_experts,
+            self.width, self.hidden, GROUP_SIZE, self.nbit, self.score_func, self.route_scale)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(h)
+        return out.reshape(shape).to(x.dtype), None
+
+
+def _int8_along_in(w: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric INT8 group-``group_size`` codes and fp32 scales along the last axis (amax / 127)."""
+    groups = w.float().unflatten(-1, (-1, group_size))
+    scales = groups.abs().amax(-1) / 127
+    safe = torch.where(scales == 0, torch.ones_like(scales), scales)
+    codes = torch.clamp(torch.round(groups / safe.unsqueeze(-1)), -127, 127).nan_to_num(0.0).to(torch.int8)
+    return codes.flatten(-2), scales
+
+
 def _gathered(experts: StackedExperts) -> GatheredExperts:
     E, H, two_width = experts.gate_up_proj.shape
     with torch.device("meta"):
@@ -136,13 +297,23 @@ def _gathered(experts: StackedExperts) -> GatheredExperts:
     return new
 
 
+EXPERT_DISPATCH = ("gather", "dense", "op", "op8")
+
+
 def swap_for_export(model: MobileMoEForCausalLM, experts: str = "gather") -> MobileMoEForCausalLM:
-    """In place: export-friendly top-k and expert dispatch (``"gather"`` or ``"dense"``), untied head."""
-    if experts not in ("gather", "dense"):
-        raise ExportError(f"unknown expert dispatch {experts!r}: choose gather or dense")
+    """In place: export-friendly top-k and expert dispatch, untied head. ``experts``: ``"gather"``
+    (fp32, the k chosen experts gathered per token), ``"dense"`` (every expert as quantizable
+    linears), ``"op"`` / ``"op8"`` (each MoE block as :class:`QuantizedMoE`: the chosen experts only,
+    INT4 / INT8 group-32 weights re-quantized along ``in``)."""
+    if experts not in EXPERT_DISPATCH:
+        raise ExportError(f"unknown expert dispatch {experts!r}: choose one of {', '.join(EXPERT_DISPATCH)}")
     for layer in model.model.layers:
         block = layer.feed_forward
-        if isinstance(block, MoEBlock):
+        if not isinstance(block, MoEBlock):
+            continue
+        if experts in ("op", "op8"):
+            layer.feed_forward = QuantizedMoE(block, nbit=4 if experts == "op" else 8)
+        else:
             block.select = select_topk_static
             block.experts = _gathered(block.experts) if experts == "gather" else DenseExperts(block.experts)
     if model.lm_head is None:  # its own nn.Linear, so that 8da4w quantizes the head (not the lookup)
@@ -178,14 +349,23 @@ def check_executorch(cfg: MobileMoEConfig) -> None:
                           "would make an impractically large graph")
 
 
-def build_static(ckpt: str | os.PathLike, max_seq_len: int = 256, experts: str = "gather") -> StaticMobileMoE:
-    """Load ``ckpt`` in fp32 and wrap it for export (``experts``: see :func:`swap_for_export`)."""
+def _load(ckpt: str | os.PathLike) -> MobileMoEForCausalLM:
     from mobilemoe.checkpoint import load_model
 
     model = load_model(ckpt, dtype=torch.float32).eval()
     check_executorch(model.config)
+    return model
+
+
+def static_module(model: MobileMoEForCausalLM, max_seq_len: int = 256, experts: str = "gather") -> StaticMobileMoE:
+    """Wrap an fp32 model (swapped in place, see :func:`swap_for_export`) for export."""
     max_seq_len = min(max_seq_len, model.config.max_position_embeddings)
     return StaticMobileMoE(swap_for_export(model, experts), max_seq_len).eval()
+
+
+def build_static(ckpt: str | os.PathLike, max_seq_len: int = 256, experts: str = "gather") -> StaticMobileMoE:
+    """Load ``ckpt`` in fp32 and wrap it for export (``experts``: see :func:`swap_for_export`)."""
+    return static_module(_load(ckpt), max_seq_len, experts)
 
 
 def quantize_8da4w(module: nn.Module, group_size: int = GROUP_SIZE) -> None:
@@ -204,16 +384,33 @@ def quantize_8da4w(module: nn.Module, group_size: int = GROUP_SIZE) -> None:
 PREFILL_CHUNK = 8  # tokens per prefill call; each extra method costs one more lowering at export
 
 
+def default_experts(model: MobileMoEForCausalLM, quantize: str | None) -> str:
+    """The expert dispatch :func:`export_executorch` uses: fp32 gathers the chosen experts; 8da4w
+    routes through ``quantized_moe_ffn`` (INT4, chosen experts only) unless the config is one the op
+    cannot compute (:func:`moe_op_unsupported`), which falls back to dense experts with a warning."""
+    if quantize in (None, "none"):
+        return "gather"
+    blocks = [layer.feed_forward for layer in model.model.layers if isinstance(layer.feed_forward, MoEBlock)]
+    reason = next((r for r in (moe_op_unsupported(b.cfg, b.expert_bias) for b in blocks) if r), None)
+    if reason:
+        warnings.warn(f"ExecuTorch 8da4w export: {reason}, so every routed expert runs on every token "
+                      "(dense experts)", stacklevel=3)
+        return "dense"
+    return "op"
+
+
 def export_executorch(ckpt: str | os.PathLike, out: str | os.PathLike, max_seq_len: int = 256,
-                      quantize: str | None = "8da4w", prefill_chunk: int = PREFILL_CHUNK) -> Path:
+                      quantize: str | None = "8da4w", prefill_chunk: int = PREFILL_CHUNK,
+                      experts: str | None = None) -> Path:
     """Write ``out`` (.pte) from a checkpoint: torch.export -> XNNPACK -> ExecuTorch.
-    ``quantize``: "8da4w" (torchao, int4 group-32 weights, dense experts) or None / "none" (fp32,
-    gathered experts); ``prefill_chunk``: see :func:`export_module`."""
+    ``quantize``: "8da4w" (torchao int8-dynamic x int4 group-32 linears; routed experts INT4 through
+    ``quantized_moe_ffn``) or None / "none" (fp32, gathered experts); ``experts``: the dispatch
+    (:data:`EXPERT_DISPATCH`, default :func:`default_experts`); ``prefill_chunk``: see :func:`export_module`."""
     _require()
     if quantize not in (None, "none", "8da4w"):
         raise ExportError(f"unknown ExecuTorch quantization {quantize!r}: choose 8da4w or none")
-    # torchao quantizes nn.Linear modules only, so 8da4w needs the per-expert linears
-    module = build_static(ckpt, max_seq_len, experts="dense" if quantize == "8da4w" else "gather")
+    model = _load(ckpt)
+    module = static_module(model, max_seq_len, experts or default_experts(model, quantize))
     if quantize == "8da4w":
         quantize_8da4w(module)
     return export_module(module, out, min(prefill_chunk, module.cache.max_len))
