@@ -1,14 +1,18 @@
 """Build of the native CPU kernels ``mobilemoe._C`` (metadata lives in pyproject.toml).
 
-One torch extension, seven translation units:
-  ops.cpp           threading, the linear / MoE operators, bindings (baseline flags)
-  dispatch.cpp      the ISA registry and the one cached ISA decision (baseline flags)
-  model.cpp         the whole-model INT4 forward (NativeModel) on those kernels
-  isa_portable.cpp  plain C++ (any CPU)
-  isa_avx2.cpp      -mavx2 -mfma -mf16c
-  isa_avx512.cpp    -mavx512f -mavx512bw -mavx512vl -mavx512vnni
-  isa_avx512bf16.cpp  -mavx512bf16 (prefill attention, flash_attn.h)
-  isa_amx.cpp       + -mamx-tile -mamx-int8 (prefill GEMMs on AMX tiles where the OS grants them)
+One torch extension in layers (each file named after what it holds):
+  bindings.cpp      the Python module: ISA choice, operators, expert cache, native model
+  model.cpp         NativeModel: the whole-model INT4 forward (orchestration over the operators)
+  expert_cache.cpp  the RAM cache of offloaded routed experts (also used by remoe.device)
+  op_linear.cpp, op_moe.cpp, op_attention.cpp   the operators (ops.h)
+  thread_pool.cpp   the job pool every operator runs on
+  dispatch.cpp      the ISA registry and the one cached ISA decision
+  isa_*.cpp         the kernel tables, one unit per ISA, each compiled with its own flags:
+    isa_portable.cpp  plain C++ (any CPU)
+    isa_avx2.cpp      -mavx2 -mfma -mf16c
+    isa_avx512.cpp    -mavx512f -mavx512bw -mavx512vl -mavx512vnni
+    isa_avx512bf16.cpp  -mavx512bf16 (prefill attention, flash_attn.h)
+    isa_amx.cpp       + -mamx-tile -mamx-int8 (prefill GEMMs on AMX tiles where the OS grants them)
 (the x86 units only on x86-64; isa_neon{,_dotprod,_i8mm}.cpp only on aarch64). Each ISA unit is compiled with its own flags (``BuildExt`` below) and picked at run time with
 ``__builtin_cpu_supports``, so the wheel builds and runs on a CPU without AVX-512.
 Install with ``pip install --no-build-isolation -e '.[dev]'`` (the CPU torch must be importable).
@@ -22,7 +26,11 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 CSRC = os.path.join("src", "mobilemoe", "kernels", "csrc")
 COMMON_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
-ISA_STD = ["-std=c++17"]  # ops.cpp gets the standard torch's BuildExtension picks for its headers
+ISA_STD = ["-std=c++17"]  # the layer units get the standard torch's BuildExtension picks for its headers
+LAYER_UNITS = ("bindings.cpp", "model.cpp", "expert_cache.cpp", "op_linear.cpp", "op_moe.cpp", "op_attention.cpp",
+               "thread_pool.cpp", "dispatch.cpp")
+LAYER_HEADERS = ("mm_common.h", "dispatch.h", "ops.h", "thread_pool.h", "expert_cache.h", "flash_attn.h", "vec_math.h",
+                 "arm_features.h", "amx.h")
 ISA_UNITS = {"isa_portable.cpp": []}
 if platform.machine().lower() in ("x86_64", "amd64"):  # elsewhere (e.g. aarch64) only the portable unit
     ISA_UNITS["isa_avx2.cpp"] = ["-mavx2", "-mfma", "-mf16c"]
@@ -59,11 +67,11 @@ setup(
     ext_modules=[
         CppExtension(
             name="mobilemoe._C",
-            sources=[os.path.join(CSRC, f) for f in ("ops.cpp", "dispatch.cpp", "model.cpp")],
+            sources=[os.path.join(CSRC, f) for f in LAYER_UNITS],
             include_dirs=[os.path.abspath(CSRC)],
             extra_compile_args=COMMON_FLAGS,
             extra_link_args=["-fopenmp"],
-            depends=[os.path.join(CSRC, h) for h in ("mm_common.h", "dispatch.h", "ops_api.h", "arm_features.h", "amx.h")],
+            depends=[os.path.join(CSRC, h) for h in LAYER_HEADERS],
         )
     ],
     cmdclass={"build_ext": BuildExt},

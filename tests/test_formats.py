@@ -43,10 +43,10 @@ def test_mm_common_block_constants_equal_the_registry():
 
 
 def test_ops_linear_tile_stride_check_matches_the_registry():
-    # ops.cpp refuses a packed linear weight whose tile stride is below the unpadded tile row.
-    text = (CSRC / "ops.cpp").read_text()
+    # op_linear.cpp refuses a packed linear weight whose tile stride is below the unpadded tile row.
+    text = (CSRC / "op_linear.cpp").read_text()
     expr = re.search(r"packed\.size\(1\) >= (\(K / MM_QK\) \* \(MM_BLOCK_BYTES \+ (\d+) \* MM_TILE\))", text)
-    assert expr, "ops.cpp: the tile-stride check moved; update this test"
+    assert expr, "op_linear.cpp: the tile-stride check moved; update this test"
     for k in (32, 64, 96, 1280):
         minimum = eval(re.sub(r"MM_\w+", lambda m: str(_defines()[m.group(0)]), expr.group(1)).replace("K", str(k)))
         stride = formats.linear_tile_stride(k)
@@ -66,12 +66,13 @@ def test_model_cpp_embedding_decode_uses_the_checkpoint_group():
     assert "(b & 0xF) >= 8 ? (b & 0xF) - 16" in body
 
 
-def test_model_cpp_reads_the_record_parts_in_registry_order():
-    body = _function(CSRC / "model.cpp", "void read_expert(Layer& L, int64_t e, int64_t slot)")
-    parts = re.search(r"at::Tensor\* parts\[(\d+)\] = \{([^}]*)\}", body)
-    assert parts, "model.cpp: read_expert() was rewritten; update this test"
-    names = tuple(p.strip().removeprefix("&L.") for p in parts.group(2).split(","))
-    assert names == formats.RECORD_PARTS and int(parts.group(1)) == len(formats.RECORD_PARTS)
+def test_model_cpp_hands_the_cache_the_record_parts_in_registry_order():
+    # the expert cache reads a record's parts back to back into the slots in the order it is given them
+    body = _function(CSRC / "model.cpp", "  void offload_layer(int64_t li, const at::Tensor& record_offsets) {")
+    parts = re.search(r"cache->add_layer\(li, record_offsets, \{([^}]*)\}\)", body)
+    assert parts, "model.cpp: offload_layer() was rewritten; update this test"
+    names = tuple(p.strip().removeprefix("L.") for p in parts.group(1).split(","))
+    assert names == formats.RECORD_PARTS
 
 
 def test_quantization_block_is_the_registry():

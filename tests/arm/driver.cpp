@@ -114,6 +114,39 @@ void test_prep_and_quant_scaled(const mm_kernels* v) {
   }
 }
 
+// Decode attention and router: the tables' entries (the portable kernels on aarch64 for now) give
+// the portable results bit for bit on odd shapes (S = 1, tails of the 16-lane loops, E not a
+// multiple of 4).
+void test_attention_and_router(const mm_kernels* v) {
+  const mm_kernels* p = &mm_kernels_portable;
+  for (int64_t G : {1, 3, 6})
+    for (int64_t D : {16, 48, 64})
+      for (int64_t S : {1, 7, 33}) {
+        std::vector<float> q(G * D), sc0(G * S), sc1(G * S), o0(G * D), o1(G * D);
+        std::vector<uint16_t> k(S * D), val(S * D);
+        for (auto& x : q) x = uniform(-2.f, 2.f);
+        for (int64_t i = 0; i < S * D; ++i) k[i] = 0x3C00 ^ (uint16_t)(i * 37 % 1024), val[i] = 0xBC00 ^ (uint16_t)(i * 53 % 1024);
+        mm_attend_fn fv = v->attend_for(G, D);
+        check(fv != nullptr, std::string(v->name) + " attend_for returned NULL");
+        if (!fv) continue;
+        p->attend_for(G, D)(q.data(), k.data(), val.data(), S, D, G, sc0.data(), o0.data());
+        fv(q.data(), k.data(), val.data(), S, D, G, sc1.data(), o1.data());
+        check(o0 == o1, std::string(v->name) + " attention G=" + std::to_string(G) + " D=" + std::to_string(D) +
+                            " S=" + std::to_string(S));
+      }
+  for (int64_t E : {1, 5, 60})
+    for (int64_t H : {16, 40}) {
+      std::vector<float> h(H), W(E * H), r0(E), r1(E);
+      for (auto& x : h) x = uniform(-1.f, 1.f);
+      for (auto& x : W) x = uniform(-1.f, 1.f);
+      for (int sig = 0; sig < 2; ++sig) {
+        p->router_rows(h.data(), W.data(), H, 0, E, sig, r0.data());
+        v->router_rows(h.data(), W.data(), H, 0, E, sig, r1.data());
+        check(r0 == r1, std::string(v->name) + " router E=" + std::to_string(E) + " H=" + std::to_string(H));
+      }
+    }
+}
+
 void test_silu_mul(const mm_kernels* v) {
   const mm_kernels* p = &mm_kernels_portable;
   for (int64_t n : {0, 1, 3, 4, 5, 17, 1003}) {
@@ -299,6 +332,7 @@ int main(int argc, char** argv) {
     test_quant_row(var.k);
     test_prep_and_quant_scaled(var.k);
     test_silu_mul(var.k);
+    test_attention_and_router(var.k);
     test_gemm(var.k);
     std::printf("variant %s: %s (silu_mul worst %lld ulp, gemm worst error %.3f of tolerance)\n", var.k->name,
                 g_fail == before ? "ok" : "FAILED", (long long)g_worst_ulp, g_worst_gemm);

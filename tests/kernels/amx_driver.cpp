@@ -5,7 +5,7 @@
 //          (bit-identical: same integer sums, same fp32 formula and order), AMX and portable vs a
 //          double-precision reference (relative to the sum of |terms|), untouched output padding,
 //          and a fresh thread (one that never loaded a tile configuration) getting the same result.
-//   bench  gemm throughput AMX vs VNNI on prefill shapes, one thread, calls chunked as ops.cpp does.
+//   bench  gemm throughput AMX vs VNNI on prefill shapes, one thread, calls chunked as op_linear.cpp does.
 //   sweep  AMX vs VNNI on one expert group (2 tiles, K=768) for small token counts: the crossover.
 // Exit status: 0 ok, 1 mismatch, 77 AMX not usable here (the first line says why).
 #include <algorithm>
@@ -161,7 +161,7 @@ int check() {
 
 double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
-// One linear forward as ops.cpp issues it: jobs of 4 tiles x 128 tokens (here on one thread).
+// One linear forward as op_linear.cpp issues it: jobs of 4 tiles x 128 tokens (here on one thread).
 void linear_calls(const mm_kernels& k, const Packed& p, const Act& a, float* out, int64_t N, int ws) {
   const int64_t K = p.nkb * 32;
   for (int64_t m0 = 0; m0 < a.m; m0 += 128)
@@ -199,7 +199,7 @@ Timing alternate(int reps, const F& f) {
 
 int bench() {
   std::mt19937 rng(7);
-  std::printf("one thread, linear (wscaled), ops.cpp chunking   GMAC/s: amx vnni (median)  amx vnni (best)  speedup med/best\n");
+  std::printf("one thread, linear (wscaled), op_linear chunking   GMAC/s: amx vnni (median)  amx vnni (best)  speedup med/best\n");
   for (int64_t m : {256, 1024})
     for (int64_t N : {1536, 2048}) {
       const int64_t K = 768;

@@ -1,6 +1,6 @@
 """The native forward's restatements of the math against model.py / moe.py on the same inputs.
 
-model.cpp re-implements the router scores + top-k (an AVX-512 and a portable variant), RoPE, the
+The native forward re-implements the router scores + top-k (an AVX-512 and a portable variant), RoPE, the
 weightless QK-norm and RMSNorm. Each is reached through a test hook of ``mobilemoe._C`` (the very
 function the forward calls) and compared with the Python reference under every ISA this CPU runs,
 including exact ties (ties go to the lower index) and a selection bias that changes the choice.

@@ -10,17 +10,16 @@ bandwidth); ``measure_local_disk`` measures this machine with ``os.pread`` after
 from the page cache (``posix_fadvise DONTNEED``, best effort).
 
 :class:`ExpertStore` replays a routing trace against the expert store of
-:mod:`mobilemoe.runtime.offload` (one file, each expert's packed INT4 bytes contiguous), reading with
-``os.pread`` into a Python RAM cache of at most C experts per layer and a byte budget, counting real
-read time and bytes. It measures storage alone; the native offloading runtime
-(``Engine.load(..., offload=ExpertOffload(...))``) measures real decode with the same file.
+:mod:`mobilemoe.runtime.offload` (one file, each expert's packed INT4 bytes contiguous) through the
+native runtime's expert cache (at most C experts per layer and a byte budget), counting real read
+time and bytes. It measures storage alone; the native offloading runtime
+(``Engine.load(..., offload=ExpertOffload(...))``) measures real decode with the same file and cache.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -117,32 +116,41 @@ def measure_local_disk(path: str | Path | None = None, size_mb: int = 64, block_
 # ---------------------------------------------------------------------- the expert store
 # The store format (one page-aligned packed record per expert) belongs to the runtime; the native
 # offloading runtime reads the same file (mobilemoe.runtime.offload).
-from mobilemoe.runtime.offload import STORE_FILE, read_store_index, write_expert_store  # noqa: E402
+from mobilemoe.runtime.offload import (STORE_FILE, read_store_index, record_offsets, slot_tensors,  # noqa: E402
+                                       write_expert_store)
 
 
 class ExpertStore:
     """RAM cache (LRU) of at most ``capacity`` experts per layer and ``byte_budget`` bytes in total,
-    backed by ``os.pread`` from the store file. ``get`` returns the expert's tensors by part name."""
+    backed by the store file: the native runtime's own expert cache (``mobilemoe._C.ExpertCache``,
+    one ``preadv`` per miss), so a replay here measures exactly the reads offloaded decode does.
+    ``get`` returns the expert's tensors by part name: views into its cache slot, valid until that
+    expert is evicted (clone to keep them)."""
 
     def __init__(self, store_dir: str | Path, capacity: int, byte_budget: int | None = None,
                  drop_page_cache: bool = False) -> None:
+        from mobilemoe.kernels import _lib
+
         d = Path(store_dir)
         self.index = read_store_index(d)
-        self.fd = os.open(d / STORE_FILE, os.O_RDONLY)
         self.capacity, self.byte_budget = capacity, byte_budget
-        self.cache: dict[int, OrderedDict] = {}
-        self.bytes_cached = 0
-        self.hits = self.misses = self.bytes_read = 0
-        self.read_seconds = 0.0
-        if hasattr(os, "posix_fadvise"):  # random record reads: no readahead (as the native runtime)
-            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
-            if drop_page_cache:
-                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        self._cache = _lib().ExpertCache(str(d / STORE_FILE), drop_page_cache)
+        self._parts: dict[int, list[str]] = {}
+        record_bytes = 0
+        for layer, records in self.index["layers"].items():
+            parts = records[0]["parts"]
+            if [p["offset"] for p in parts] != [sum(q["nbytes"] for q in parts[:i]) for i in range(len(parts))]:
+                raise MobileMoEError(f"{d}: layer {layer}: record parts are not back to back")
+            n = min(capacity, len(records))
+            self._cache.add_layer(int(layer), record_offsets(self.index, int(layer)),
+                                  slot_tensors(self.index, int(layer), n))
+            self._parts[int(layer)] = [p["name"] for p in parts]
+            record_bytes = max(record_bytes, records[0]["nbytes"])
+        if byte_budget is not None:
+            self._cache.set_max_resident(int(byte_budget // record_bytes) if record_bytes else 0)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self._cache = None
 
     def __enter__(self):
         return self
@@ -150,47 +158,10 @@ class ExpertStore:
     def __exit__(self, *exc):
         self.close()
 
-    def _decode(self, entry: dict, raw: bytes) -> dict[str, torch.Tensor]:
-        out = {}
-        for part in entry["parts"]:
-            buf = bytearray(raw[part["offset"]: part["offset"] + part["nbytes"]])
-            t = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
-            out[part["name"]] = t.view(getattr(torch, part["dtype"])).reshape(part["shape"])
-        return out
-
-    def _evict_one(self) -> bool:
-        # global LRU across layers when over the byte budget: drop the oldest of the fullest layer
-        layer = max(self.cache, key=lambda k: len(self.cache[k]), default=None)
-        if layer is None or not self.cache[layer]:
-            return False
-        _, (nbytes, _) = self.cache[layer].popitem(last=False)
-        self.bytes_cached -= nbytes
-        return True
-
     def get(self, layer: int, expert: int, pinned: tuple[int, ...] = ()) -> dict[str, torch.Tensor]:
-        lc = self.cache.setdefault(layer, OrderedDict())
-        if expert in lc:
-            self.hits += 1
-            lc.move_to_end(expert)
-            return lc[expert][1]
-        self.misses += 1
-        entry = self.index["layers"][str(layer)][expert]
-        t0 = time.perf_counter()
-        raw = os.pread(self.fd, entry["nbytes"], entry["offset"])
-        self.read_seconds += time.perf_counter() - t0
-        self.bytes_read += len(raw)
-        tensors = self._decode(entry, raw)
-        while len(lc) >= self.capacity:
-            victim = next((k for k in lc if k not in pinned), None)
-            if victim is None:
-                break
-            self.bytes_cached -= lc.pop(victim)[0]
-        if self.byte_budget is not None:
-            while self.bytes_cached + entry["nbytes"] > self.byte_budget and self._evict_one():
-                pass
-        lc[expert] = (entry["nbytes"], tensors)
-        self.bytes_cached += entry["nbytes"]
-        return tensors
+        """Expert ``expert`` of ``layer`` (read on a miss), never evicting one of ``pinned``."""
+        slot = self._cache.fetch(layer, [expert], list(pinned))[0]
+        return {name: t[slot] for name, t in zip(self._parts[layer], self._cache.slots(layer))}
 
     def replay(self, ids: np.ndarray, moe_layers: list[int]) -> dict:
         """Fetch every (token, layer) expert set of a trace [L, N, K]; returns counters."""
@@ -198,19 +169,23 @@ class ExpertStore:
         t0 = time.perf_counter()
         for t in range(ids.shape[1]):
             for li, layer in enumerate(moe_layers):
-                need = tuple(int(e) for e in ids[li, t])
-                for e in need:
-                    self.get(layer, e, pinned=need)
+                self._cache.fetch(layer, [int(e) for e in ids[li, t]])
         wall = time.perf_counter() - t0
         n = ids.shape[1]
-        return {"tokens": n, "hits": self.hits, "misses": self.misses, "bytes_read": self.bytes_read,
-                "read_seconds": self.read_seconds, "wall_seconds": wall,
-                "read_ms_per_token": 1e3 * self.read_seconds / max(n, 1),
-                "bytes_per_token": self.bytes_read / max(n, 1)}
+        st = self.stats()
+        return {"tokens": n, "hits": st["hits"], "misses": st["misses"], "bytes_read": st["bytes_read"],
+                "read_seconds": st["read_seconds"], "wall_seconds": wall,
+                "read_ms_per_token": 1e3 * st["read_seconds"] / max(n, 1),
+                "bytes_per_token": st["bytes_read"] / max(n, 1)}
+
+    @property
+    def bytes_cached(self) -> int:
+        return int(self._cache.resident_bytes())
 
     def stats(self) -> dict:
-        return {"hits": self.hits, "misses": self.misses, "bytes_read": self.bytes_read,
-                "read_seconds": self.read_seconds, "bytes_cached": self.bytes_cached}
+        st = self._cache.stats()
+        return {"hits": int(st["hits"]), "misses": int(st["misses"]), "bytes_read": int(st["bytes_read"]),
+                "read_seconds": st["read_seconds"], "bytes_cached": self.bytes_cached}
 
 
 def profile_dict(p: StorageProfile) -> dict:

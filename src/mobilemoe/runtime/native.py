@@ -18,7 +18,7 @@ import torch
 from mobilemoe.checkpoint import load_tensors, mmap_tensor, quantized_names
 from mobilemoe.config import MobileMoEConfig
 from mobilemoe.errors import MobileMoEError
-from mobilemoe.formats import TILE_ROWS
+from mobilemoe.formats import RECORD_PARTS, TILE_ROWS
 from mobilemoe.layout import spec_map
 
 if TYPE_CHECKING:
@@ -105,6 +105,13 @@ def _in_weight_buffer(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _fields(spec, **values):
+    """Set named fields of a native ModelSpec / LayerSpec (a misspelt name is an AttributeError)."""
+    for name, value in values.items():
+        setattr(spec, name, value)
+    return spec
+
+
 def _pack_rows(qweight: torch.Tensor, scale: torch.Tensor, pack_linear) -> torch.Tensor:
     """pack_linear in row chunks written into one preallocated buffer (whole tiles per chunk)."""
     first = pack_linear(qweight[:PACK_ROWS], scale[:PACK_ROWS])
@@ -170,35 +177,36 @@ class NativeBackend:
         angles = pos[:, None] * rope_inv_freq(cfg)[None, :]
         head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
         qe, se = quantized_names(specs["model.embed_tokens.weight"])
-        self.model = _C.NativeModel(
-            cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size,
-            max(cfg.num_local_experts, 1), max(cfg.num_experts_per_tok, 1), cfg.intermediate_size, cfg.rms_norm_eps,
-            cfg.routed_scaling_factor, cfg.norm_topk_prob, cfg.router_type == "sigmoid", cfg.use_qk_norm,
-            max_seq_len, angles.cos(), angles.sin(), mmap_tensor(path, qe), mmap_tensor(path, se),
-            linear(head), f32("model.norm.weight"))
-        empty = torch.empty(0, 0, dtype=torch.uint8)
+        has_moe = cfg.num_local_experts > 0 and any(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+        self.model = _C.NativeModel(_fields(
+            _C.ModelSpec(), hidden=cfg.hidden_size, n_heads=cfg.num_attention_heads,
+            n_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, vocab=cfg.vocab_size,
+            experts=cfg.num_local_experts if has_moe else 0, top_k=cfg.num_experts_per_tok if has_moe else 0,
+            routed_width=cfg.intermediate_size if has_moe else 0, eps=cfg.rms_norm_eps,
+            routed_scale=cfg.routed_scaling_factor, norm_topk=cfg.norm_topk_prob,
+            sigmoid_router=cfg.router_type == "sigmoid", qk_norm=cfg.use_qk_norm, max_len=max_seq_len,
+            rope_cos=angles.cos(), rope_sin=angles.sin(), embed_codes=mmap_tensor(path, qe),
+            embed_scales=mmap_tensor(path, se), lm_head=linear(head), final_norm=f32("model.norm.weight")))
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}"
             attn = [f"{p}.self_attn.{x}_proj.weight" for x in "qkvo"]
+            layer = _fields(_C.LayerSpec(), input_norm=f32(f"{p}.input_layernorm.weight"),
+                            post_norm=f32(f"{p}.post_attention_layernorm.weight"), qkv=linear(*attn[:3]),
+                            o=linear(attn[3]), rope=cfg.uses_rope(i), moe=cfg.is_moe_layer(i))
             ffn = f"{p}.feed_forward" + (".shared_expert" if cfg.is_moe_layer(i) else "")
-            has_ffn = not cfg.is_moe_layer(i) or cfg.num_shared_experts > 0
-            ffn_gu = linear(f"{ffn}.gate_proj.weight", f"{ffn}.up_proj.weight") if has_ffn else empty
-            ffn_dn = linear(f"{ffn}.down_proj.weight") if has_ffn else empty
+            if not cfg.is_moe_layer(i) or cfg.num_shared_experts > 0:  # the dense FFN or the shared expert
+                _fields(layer, ffn_gate_up=linear(f"{ffn}.gate_proj.weight", f"{ffn}.up_proj.weight"),
+                        ffn_down=linear(f"{ffn}.down_proj.weight"), ffn_width=cfg.intermediate_size_mlp)
             if cfg.is_moe_layer(i):
-                router = _in_weight_buffer(f32(f"{p}.feed_forward.router.weight"))  # read every token
-                bias = f32(f"{p}.feed_forward.expert_bias")
                 if store_index is not None:  # empty cache slots, filled from the store on demand
-                    gu_codes, gu_scales, dn_codes, dn_scales = off.slot_tensors(store_index, i, self.capacity)
+                    experts = off.slot_tensors(store_index, i, self.capacity)
                 else:
-                    gu_codes, gu_scales = _pack_experts(*q(f"{p}.feed_forward.experts.gate_up_proj"), pack_experts)
-                    dn_codes, dn_scales = _pack_experts(*q(f"{p}.feed_forward.experts.down_proj"), pack_experts)
-            else:
-                gu_codes = gu_scales = dn_codes = dn_scales = empty
-                router, bias = torch.empty(0, 0), torch.empty(0)
-            width = cfg.intermediate_size_mlp if has_ffn else 0
-            self.model.add_layer(f32(f"{p}.input_layernorm.weight"), f32(f"{p}.post_attention_layernorm.weight"),
-                                 linear(*attn[:3]), linear(attn[3]), cfg.uses_rope(i), cfg.is_moe_layer(i),
-                                 router, bias, gu_codes, gu_scales, dn_codes, dn_scales, ffn_gu, ffn_dn, width)
+                    experts = [*_pack_experts(*q(f"{p}.feed_forward.experts.gate_up_proj"), pack_experts),
+                               *_pack_experts(*q(f"{p}.feed_forward.experts.down_proj"), pack_experts)]
+                _fields(layer, router=_in_weight_buffer(f32(f"{p}.feed_forward.router.weight")),  # read every token
+                        expert_bias=f32(f"{p}.feed_forward.expert_bias"),
+                        **dict(zip(RECORD_PARTS, experts)))  # LayerSpec names them alike
+            self.model.add_layer(layer)
         if store_index is not None:
             try:  # the very file whose records open_store verified
                 self.model.open_expert_store(store.native_path(), offload.drop_page_cache)

@@ -1,6 +1,6 @@
-// The one ISA decision of every kernel: ops.cpp's matmuls, SwiGLU and MoE, model.cpp's attention
-// and router. Defined in dispatch.cpp; adding an ISA is one registry entry there plus its unit in
-// setup.py.
+// The one ISA decision of every kernel: the matmuls, SwiGLU, MoE, attention and router of the
+// operators (ops.h) and the model. Defined in dispatch.cpp; adding an ISA is one registry entry
+// there plus its unit in setup.py.
 #pragma once
 #include <string>
 #include <vector>
@@ -25,7 +25,7 @@ const IsaChoice& current_isa();
 void set_isa(const std::string& name);
 // The ISAs this CPU and build can run, best first.
 std::vector<std::string> available_isas();
-// Whether the AVX-512 versions of model.cpp's attention and router kernels apply (amx is avx512
-// with the prefill GEMMs on AMX tiles).
+// Whether the AVX-512 (BF16) prefill attention may run (amx is avx512 with the prefill GEMMs on
+// AMX tiles).
 inline bool uses_avx512(Isa isa) { return isa == Isa::amx || isa == Isa::avx512; }
 }  // namespace mobilemoe_api

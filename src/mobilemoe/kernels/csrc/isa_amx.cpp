@@ -28,7 +28,7 @@
 
 // Below 16 tokens the VNNI gemm is used, and a token tail of fewer than 12 rows goes to it too: an
 // AMX pass costs a whole 16-row tile (plus a configuration load for a tail), VNNI only its rows
-// (tests/kernels/amx_driver.cpp `sweep`: m=16 1.6x, m=17 0.9x before the tail rule, 1.1x after).
+// (tests/kernels/amx_driver.cpp `sweep` measures the crossover).
 #define MM_AMX_MIN_M 16
 #define MM_AMX_TAIL_MIN 12
 // K blocks per chunk: the unpacked weights of one output tile (KC * 512 B = 16 KB) and the
@@ -267,6 +267,11 @@ void prep_row(const float* x, int64_t K, float* u, float* xd) { mm_kernels_avx51
 void quant_scaled(const float* u, const uint16_t* sn, int64_t K, int8_t* q, int32_t* s) {
   mm_kernels_avx512.quant_scaled(u, sn, K, q, s);
 }
+mm_attend_fn attend_for(int64_t G, int64_t D) { return mm_kernels_avx512.attend_for(G, D); }
+void router_rows(const float* h, const float* W, int64_t H, int64_t e0, int64_t e1, int sigmoid, float* out) {
+  mm_kernels_avx512.router_rows(h, W, H, e0, e1, sigmoid, out);
+}
 }  // namespace
 
-extern const mm_kernels mm_kernels_amx = {"amx", quant_row, gemm, silu_mul, prep_row, quant_scaled};
+extern const mm_kernels mm_kernels_amx = {"amx", "avx512", quant_row, gemm, silu_mul, prep_row, quant_scaled,
+                                          attend_for, router_rows};

@@ -238,6 +238,127 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
   }
 }
 
+// ---- decode attention: one KV group (its G query heads) per call ----------------------------------
+// G (query heads per KV head) and NV = D / 16 are template parameters so the q, score and output
+// vectors live in registers.
+template <int G, int NV>
+void attend_group_t(const float* q, const uint16_t* K, const uint16_t* Vc, int64_t S, int64_t /*D*/,
+                    int64_t /*G*/, float* scores, float* out) {
+  constexpr int64_t D = NV * 16;
+  const __m512 scale = _mm512_set1_ps(1.0f / __builtin_sqrtf((float)D));
+  __m512 qv[G][NV];
+  for (int r = 0; r < G; ++r)
+    for (int c = 0; c < NV; ++c) qv[r][c] = _mm512_loadu_ps(q + r * D + c * 16);
+  // The cache comes from DRAM (each token streams ~150 MB of weights through L3): prefetch the key
+  // rows 32 ahead and this key's value row for the second pass.
+  constexpr int64_t kAhead = 32;
+  for (int64_t j = 0; j < S; ++j) {
+    for (int64_t b = 0; b < D * 2; b += 64) {
+      if (j + kAhead < S) _mm_prefetch((const char*)(K + (j + kAhead) * D) + b, _MM_HINT_T0);
+      _mm_prefetch((const char*)(Vc + j * D) + b, _MM_HINT_T0);
+    }
+    __m512 acc[G];
+    for (int r = 0; r < G; ++r) acc[r] = _mm512_setzero_ps();
+    for (int c = 0; c < NV; ++c) {
+      const __m512 k = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(K + j * D + c * 16)));
+      for (int r = 0; r < G; ++r) acc[r] = _mm512_fmadd_ps(qv[r][c], k, acc[r]);
+    }
+    for (int r = 0; r < G; ++r) scores[r * S + j] = _mm512_reduce_add_ps(_mm512_mul_ps(acc[r], scale));
+  }
+  // softmax numerators exp(s - max) with the vectorized exp (a scalar exp per score costs more than
+  // the dot products); the 1/sum is applied to the output instead.
+  float inv[G];
+  for (int r = 0; r < G; ++r) {
+    float* sr = scores + r * S;
+    __m512 vmax = _mm512_set1_ps(-__builtin_inff());
+    for (int64_t j = 0; j < S; j += 16) {
+      const __mmask16 m = mm_mask16(S - j);
+      vmax = _mm512_mask_max_ps(vmax, m, vmax, _mm512_maskz_loadu_ps(m, sr + j));
+    }
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+    __m512 vsum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < S; j += 16) {
+      const __mmask16 m = mm_mask16(S - j);
+      const __m512 e = mm512_exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sr + j), mx));
+      _mm512_mask_storeu_ps(sr + j, m, e);
+      vsum = _mm512_mask_add_ps(vsum, m, vsum, e);
+    }
+    inv[r] = 1.0f / _mm512_reduce_add_ps(vsum);
+  }
+  __m512 o[G][NV];
+  for (int r = 0; r < G; ++r)
+    for (int c = 0; c < NV; ++c) o[r][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < S; ++j) {
+    for (int c = 0; c < NV; ++c) {
+      const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(Vc + j * D + c * 16)));
+      for (int r = 0; r < G; ++r) o[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[r * S + j]), v, o[r][c]);
+    }
+  }
+  for (int r = 0; r < G; ++r)
+    for (int c = 0; c < NV; ++c)
+      _mm512_storeu_ps(out + r * D + c * 16, _mm512_mul_ps(o[r][c], _mm512_set1_ps(inv[r])));
+}
+
+template <int G>
+mm_attend_fn attend_for_nv(int64_t nv) {
+  switch (nv) {
+    case 1: return attend_group_t<G, 1>;
+    case 2: return attend_group_t<G, 2>;
+    case 3: return attend_group_t<G, 3>;
+    case 4: return attend_group_t<G, 4>;
+    default: return nullptr;
+  }
+}
+
+// The instance for (G, D), or nullptr: G in 1..8, D in {16, 32, 48, 64}.
+mm_attend_fn attend_instance(int64_t G, int64_t D) {
+  if (D % 16 != 0) return nullptr;
+  const int64_t nv = D / 16;
+  switch (G) {
+    case 1: return attend_for_nv<1>(nv);
+    case 2: return attend_for_nv<2>(nv);
+    case 3: return attend_for_nv<3>(nv);
+    case 4: return attend_for_nv<4>(nv);
+    case 5: return attend_for_nv<5>(nv);
+    case 6: return attend_for_nv<6>(nv);
+    case 7: return attend_for_nv<7>(nv);
+    case 8: return attend_for_nv<8>(nv);
+    default: return nullptr;
+  }
+}
+
+mm_attend_fn attend_for(int64_t G, int64_t D) {
+  mm_attend_fn f = attend_instance(G, D);
+  return f ? f : mm_attend_portable;
+}
+
+// ---- router ------------------------------------------------------------------------------------
+// Four rows at a time (four independent FMA chains sharing each load of h), prefetching the rows
+// ahead (the router is evicted by the ~150 MB of weights each token streams) and a vectorized sigmoid.
+void router_rows(const float* h, const float* W, int64_t H, int64_t e0, int64_t e1, int sigmoid, float* out) {
+  for (int64_t e = e0; e < e1; e += 4) {
+    const int n = e1 - e < 4 ? (int)(e1 - e) : 4;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t i = 0; i < H; i += 16) {
+      const __mmask16 m = mm_mask16(H - i);
+      const __m512 hv = _mm512_maskz_loadu_ps(m, h + i);
+      for (int r = 0; r < n; ++r) {
+        const float* row = W + (e + r) * H + i;
+        _mm_prefetch((const char*)(row + 4 * H), _MM_HINT_T0);
+        acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, row), hv, acc[r]);
+      }
+    }
+    for (int r = 0; r < n; ++r) out[e + r] = _mm512_reduce_add_ps(acc[r]);
+  }
+  if (!sigmoid) return;
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t e = e0; e < e1; e += 16) {
+    const __mmask16 m = mm_mask16(e1 - e);
+    const __m512 v = _mm512_maskz_loadu_ps(m, out + e);
+    _mm512_mask_storeu_ps(out + e, m, _mm512_div_ps(one, _mm512_add_ps(one, mm512_exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), v)))));
+  }
+}
 }  // namespace
 
-extern const mm_kernels mm_kernels_avx512 = {"avx512", quant_row, gemm, silu_mul, prep_row, quant_scaled};
+extern const mm_kernels mm_kernels_avx512 = {"avx512", "avx512", quant_row, gemm, silu_mul, prep_row, quant_scaled,
+                                             attend_for, router_rows};

@@ -80,5 +80,47 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 
 }  // namespace
 
-extern const mm_kernels mm_kernels_portable = {"portable", quant_row, gemm, silu_mul, mm_prep_row_generic,
-                                               mm_quant_scaled_generic};
+// scores[r][j] = q_r . k_j / sqrt(D); p = softmax; out_r = sum_j p[r][j] v_j. Each key and value
+// row is read once for all G heads of its group.
+void mm_attend_portable(const float* q, const uint16_t* K, const uint16_t* V, int64_t S, int64_t D, int64_t G,
+                        float* scores, float* out) {
+  const float scale = 1.0f / sqrtf((float)D);
+  for (int64_t j = 0; j < S; ++j)
+    for (int64_t r = 0; r < G; ++r) {
+      float acc = 0.f;
+      for (int64_t d = 0; d < D; ++d) acc += q[r * D + d] * mm_half_to_float(K[j * D + d]);
+      scores[r * S + j] = acc * scale;
+    }
+  for (int64_t r = 0; r < G; ++r) {
+    float* sr = scores + r * S;
+    float mx = sr[0];
+    for (int64_t j = 1; j < S; ++j) mx = sr[j] > mx ? sr[j] : mx;
+    float total = 0.f;
+    for (int64_t j = 0; j < S; ++j) total += (sr[j] = expf(sr[j] - mx));
+    for (int64_t j = 0; j < S; ++j) sr[j] /= total;
+    for (int64_t d = 0; d < D; ++d) out[r * D + d] = 0.f;
+  }
+  for (int64_t j = 0; j < S; ++j)
+    for (int64_t d = 0; d < D; ++d) {
+      const float v = mm_half_to_float(V[j * D + d]);
+      for (int64_t r = 0; r < G; ++r) out[r * D + d] += scores[r * S + j] * v;
+    }
+}
+
+mm_attend_fn mm_attend_for_portable(int64_t G, int64_t D) {
+  (void)G, (void)D;
+  return mm_attend_portable;
+}
+
+void mm_router_rows_portable(const float* h, const float* W, int64_t H, int64_t e0, int64_t e1, int sigmoid,
+                             float* out) {
+  for (int64_t e = e0; e < e1; ++e) {
+    float acc = 0.f;
+    for (int64_t i = 0; i < H; ++i) acc += h[i] * W[e * H + i];
+    out[e] = sigmoid ? 1.f / (1.f + expf(-acc)) : acc;
+  }
+}
+
+extern const mm_kernels mm_kernels_portable = {"portable", "portable", quant_row, gemm, silu_mul,
+                                               mm_prep_row_generic, mm_quant_scaled_generic,
+                                               mm_attend_for_portable, mm_router_rows_portable};

@@ -23,11 +23,11 @@
 //   (prep_row, once per token row) and sn = scale / max|scale|_b, i.e. step d = max|x|_b *
 //   max|scale|_b / 127 per block b: the product of the two block maxima instead of max|x * scale|_b.
 //   That is at most slightly coarser (the scales of one group vary little along k) and lets all
-//   tokens of a group share one scale row instead of a max-reduction per (token, group): at prefill
-//   the old per-group re-quantization cost as much as the GEMMs.
+//   tokens of a group share one scale row instead of a max-reduction per (token, group), which at
+//   prefill would cost as much as the GEMMs.
 //   The scale rows are normalised at pack time (mobilemoe.kernels.pack.pack_experts): expert e,
 //   group g holds K + K/32 fp16 values, [sn (K, rounded to fp16) | smax (K/32, exact)], so a decode
-//   step reads them instead of re-deriving them per group (that preparation was ~4% of decode).
+//   step reads them instead of re-deriving them per group.
 #pragma once
 #include <stdint.h>
 #include <string.h>
@@ -36,8 +36,15 @@
 #define MM_QK 32
 #define MM_BLOCK_BYTES 256
 
+// Decode attention over one KV head: q [G, D] fp32 (the G query heads of the group), K and V
+// [S, D] fp16, scores scratch [G, S] -> out [G, D] = softmax(q K^T / sqrt(D)) V.
+typedef void (*mm_attend_fn)(const float* q, const uint16_t* K, const uint16_t* V, int64_t S, int64_t D, int64_t G,
+                             float* scores, float* out);
+
 typedef struct mm_kernels {
   const char* name;
+  // The ISA of the non-GEMM vector kernels below (amx uses avx512's; avx2 and neon the portable ones).
+  const char* vector_isa;
   // One activation row: x[K] -> q, d, s.
   void (*quant_row)(const float* x, int64_t K, int8_t* q, float* d, int32_t* s);
   // out[j*ldo + 16*t + r] = sum_k x_j[k] * W[16t + r, k] for tiles t in [t0, t1), tokens j < m,
@@ -51,17 +58,29 @@ typedef struct mm_kernels {
   void (*prep_row)(const float* x, int64_t K, float* u, float* xd);
   // q[k] = round(u[k] * sn[k]) in [-127, 127] (sn fp16), s[b] = 8 * sum(q in b).
   void (*quant_scaled)(const float* u, const uint16_t* sn, int64_t K, int8_t* q, int32_t* s);
+  // The decode attention kernel for G query heads per KV head of width D (never NULL: a unit without
+  // an instance for (G, D) returns mm_attend_portable).
+  mm_attend_fn (*attend_for)(int64_t G, int64_t D);
+  // Router logits of one token: out[e] = h . W[e] (W [E, H] fp32) for e in [e0, e1), each summed in a
+  // fixed order; then out[e] = sigmoid(out[e]) when `sigmoid`.
+  void (*router_rows)(const float* h, const float* W, int64_t H, int64_t e0, int64_t e1, int sigmoid, float* out);
 } mm_kernels;
 
+// The portable attention and router (isa_portable.cpp), which the other units fall back to.
+void mm_attend_portable(const float* q, const uint16_t* K, const uint16_t* V, int64_t S, int64_t D, int64_t G,
+                        float* scores, float* out);
+mm_attend_fn mm_attend_for_portable(int64_t G, int64_t D);
+void mm_router_rows_portable(const float* h, const float* W, int64_t H, int64_t e0, int64_t e1, int sigmoid,
+                             float* out);
+
 // One-token GEMVs prefetch each whole 256-byte block this many blocks (16 KB) ahead (AVX-512 and
-// AVX2 kernels). One line 1 KB ahead (the earlier code) left the LM head at ~40 GB/s; 16 and 32
-// blocks gave 51-54 GB/s, and 32 vs 64 measured alike on the MoE layers.
+// AVX2 kernels): far enough ahead that DRAM latency is hidden at full bandwidth (the distances
+// tried are in BENCHMARKS.md, "Kernel design measurements").
 #define MM_PREFETCH_BLOCKS 64
 
 // The lookahead's first stretch, requested at once when a one-token call starts (nothing is in
 // flight then, and a decode call is only a 12-24 KB job): one burst of misses in parallel instead
-// of demand misses the loop only slowly runs ahead of. MoE-S decode +6-12%, dense +6% on AVX-512;
-// 8 KB gained ~1%, 24 KB and the whole job measured as 16 KB.
+// of demand misses the loop only slowly runs ahead of.
 static inline void mm_prefetch_lookahead(const uint8_t* start) {
   for (int64_t o = 0; o < MM_PREFETCH_BLOCKS * MM_BLOCK_BYTES; o += 64) __builtin_prefetch(start + o, 0, 3);
 }

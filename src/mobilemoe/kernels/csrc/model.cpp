@@ -1,72 +1,79 @@
 // mobilemoe._C.NativeModel: the whole MobileMoE forward in one native call per step.
 //
-// Same semantics as src/mobilemoe/model.py (the reference): RMSNorm, fused QKV, RoPE on adjacent
-// pairs (2i, 2i+1), weightless QK-norm, GQA attention over a static fp32 KV cache, sigmoid (or
-// softmax) routing with a selection-only bias, ties to the lower index, renormalised top-k times
+// Same semantics as src/mobilemoe/model.py and moe.py (the reference, which tests/kernels/
+// test_native_math.py holds these pieces against): RMSNorm, fused QKV, RoPE on adjacent pairs
+// (2i, 2i+1), weightless QK-norm, GQA attention over a static fp16 KV cache, sigmoid (or softmax)
+// routing with a selection-only bias, ties to the lower index, renormalised top-k times
 // routed_scaling_factor, the fused MoE operator (routed + shared experts), tied or untied LM head.
-// Matmuls run on the packed INT4 kernels of ops.cpp (int8 dynamic activations); everything else
-// is fp32. Only the last position's logits are computed.
+// Matmuls, attention and the router run on the operators of ops.h (int8 dynamic activations on the
+// packed INT4 weights); everything else is fp32. Only the last position's logits are computed.
+//
+// The model is described by a ModelSpec and one LayerSpec per layer (named fields, built from the
+// checkpoint by mobilemoe.runtime.native); offloaded routed experts live in an ExpertCache.
 #include <torch/extension.h>
 
-#include <c10/util/Half.h>
 #include <c10/util/ParallelGuard.h>
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-#include <fcntl.h>
-#include <sys/uio.h>
-#include <unistd.h>
-
-#include <cerrno>
-#include <cstdlib>
-#include <cstring>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <map>
-#include <numeric>
+#include <memory>
 #include <string>
 #include <tuple>
 #include <vector>
 
-#include "flash_attn.h"
 #include "dispatch.h"
-#include "ops_api.h"
-#include "vec_math.h"
-
-// GCC 12 false positive in the AVX-512 intrinsics (their _mm512_undefined_* self-initialisation).
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
+#include "expert_cache.h"
+#include "ops.h"
+#include "thread_pool.h"
 
 namespace {
 
-struct Layer {
-  at::Tensor in_norm, post_norm;  // fp32 [H]
-  at::Tensor qkv, o;              // packed linears [(nH+2nKV)D, H], [H, nH D]
-  bool moe = false, rope = true;
-  at::Tensor router, bias;                            // fp32 [E, H], [E]
-  at::Tensor gu_codes, gu_scales, dn_codes, dn_scales;  // packed experts
-  at::Tensor ffn_gu, ffn_dn;                          // packed shared expert / dense FFN (fused gate|up)
-  int64_t ffn_width = 0;                              // S (0: no shared expert)
-  // Offloaded routed experts: the four tensors above hold C cache slots instead of all E experts,
-  // and a slot is filled from the expert store file on a miss (see NativeModel::offload_layer).
-  bool offloaded = false;
-  std::vector<int64_t> record_offset;  // per expert: byte offset of its record in the store file
-  std::vector<int64_t> slot_of;        // expert -> slot, or -1
-  std::vector<int64_t> expert_of;      // slot -> expert, or -1 (free)
-  std::vector<int64_t> last_use;       // slot -> access clock (LRU)
+using mobilemoe_threads::parallel_jobs;
+
+// The model-wide shapes and tensors (see runtime/native.py for how each is built).
+struct ModelSpec {
+  int64_t hidden = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, vocab = 0;
+  int64_t experts = 0, top_k = 0, routed_width = 0;  // routed experts: 0 in a dense model
+  double eps = 1e-5, routed_scale = 1.0;
+  bool norm_topk = true, sigmoid_router = true, qk_norm = false;
+  int64_t max_len = 0;                    // KV cache positions
+  at::Tensor rope_cos, rope_sin;          // fp32 [max_len, head_dim / 2]
+  at::Tensor embed_codes, embed_scales;   // the INT4 embedding (checkpoint format): uint8 [V, H/2], fp16 [V, H/32]
+  at::Tensor lm_head;                     // packed linear [V, H]
+  at::Tensor final_norm;                  // fp32 [H]
 };
 
-// Counters of the offloading runtime (all offloaded layers together).
-struct OffloadStats {
-  int64_t hits = 0, misses = 0, bytes_read = 0;
-  double read_seconds = 0.0;
+// One decoder layer. Dense layers leave the MoE fields undefined.
+struct LayerSpec {
+  at::Tensor input_norm, post_norm;  // fp32 [H]
+  at::Tensor qkv, o;                 // packed linears [(nH + 2 nKV) D, H] (q|k|v fused), [H, nH D]
+  bool rope = true;
+  bool moe = false;
+  at::Tensor router, expert_bias;                       // fp32 [E, H], [E] (selection only)
+  at::Tensor gu_codes, gu_scales, dn_codes, dn_scales;  // packed routed experts, or C cache slots when offloaded
+  at::Tensor ffn_gate_up, ffn_down;                     // packed shared expert (MoE) or dense FFN: [2S, H], [H, S]
+  int64_t ffn_width = 0;                                // S (0: an MoE layer without a shared expert)
 };
 
-// sum of x[i]^2 in 16 fp32 lanes the compiler vectorizes (one double chain cost ~0.6 us per
-// 768-wide row, ~3% of a MoE-S decode step over the norms and QK-norms).
+template <typename... Args>
+void require(bool ok, const char* field, const Args&... what) {
+  TORCH_CHECK(ok, "NativeModel: ", field, " ", what...);
+}
+
+void check_fp32(const at::Tensor& t, const char* field, std::vector<int64_t> shape) {
+  require(t.defined() && t.dtype() == at::kFloat && t.sizes() == at::IntArrayRef(shape), field,
+          "must be float32 ", at::IntArrayRef(shape), ", got ", t.defined() ? t.sizes() : at::IntArrayRef{},
+          t.defined() ? std::string(" ") + std::string(c10::toString(t.scalar_type())) : std::string(" (unset)"));
+}
+
+void check_packed(const at::Tensor& t, const char* field) {
+  require(t.defined() && t.dtype() == at::kByte && t.dim() == 2, field, "must be a packed uint8 [tiles, bytes] tensor");
+}
+
+// sum of x[i]^2 in 16 fp32 lanes the compiler vectorizes (a single double chain is latency-bound).
 float sum_squares(const float* x, int64_t n) {
   float lane[16] = {0.f};
   int64_t i = 0;
@@ -87,274 +94,6 @@ void rms_norm_row(const float* x, const float* w, float* y, int64_t H, float eps
     for (int64_t i = 0; i < H; ++i) y[i] = x[i] * inv;
 }
 
-// ---- decode attention over an fp16 KV cache: one KV group (its G query heads) per job --------------
-// scores[r][j] = q_r . k_j / sqrt(D); p = softmax; out_r = sum_j p[r][j] v_j. Each key/value row is
-// read once for all G heads of its group.
-
-float half_to_float(uint16_t h) { return (float)c10::Half(h, c10::Half::from_bits()); }
-
-void attend_group_portable(const float* q, const uint16_t* K, const uint16_t* Vc, int64_t S, int64_t D, int64_t G,
-                           float* scores, float* out) {
-  const float scale = 1.0f / std::sqrt((float)D);
-  std::vector<float> kv(D);
-  for (int64_t j = 0; j < S; ++j) {
-    for (int64_t d = 0; d < D; ++d) kv[d] = half_to_float(K[j * D + d]);
-    for (int64_t r = 0; r < G; ++r) {
-      float acc = 0.f;
-      for (int64_t d = 0; d < D; ++d) acc += q[r * D + d] * kv[d];
-      scores[r * S + j] = acc * scale;
-    }
-  }
-  for (int64_t r = 0; r < G; ++r) {
-    float* sr = scores + r * S;
-    const float mx = *std::max_element(sr, sr + S);
-    float total = 0.f;
-    for (int64_t j = 0; j < S; ++j) total += (sr[j] = std::exp(sr[j] - mx));
-    for (int64_t j = 0; j < S; ++j) sr[j] /= total;
-    std::fill(out + r * D, out + (r + 1) * D, 0.f);
-  }
-  for (int64_t j = 0; j < S; ++j) {
-    for (int64_t d = 0; d < D; ++d) kv[d] = half_to_float(Vc[j * D + d]);
-    for (int64_t r = 0; r < G; ++r) {
-      const float p = scores[r * S + j];
-      for (int64_t d = 0; d < D; ++d) out[r * D + d] += p * kv[d];
-    }
-  }
-}
-
-// q [G, D] fp32, K and V [S, D] fp16 (one KV head), scores scratch [G, S] -> out [G, D].
-using AttendFn = void (*)(const float*, const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t, float*, float*);
-
-#if defined(__x86_64__) && defined(__GNUC__)
-// AVX-512 path, compiled for these functions only and picked at run time. G (query heads per KV
-// head) and NV = D / 16 are template parameters so the q, score and output vectors live in
-// registers: with a run-time G the compiler kept acc[] and o[][] on the stack, and every FMA
-// waited on a store-to-load round trip (2.4x slower at 256 keys, 3.2x at 1024).
-template <int G, int NV>
-__attribute__((target("avx512f,fma"))) void attend_group_avx512_t(const float* q, const uint16_t* K,
-                                                                   const uint16_t* Vc, int64_t S, int64_t /*D*/,
-                                                                   int64_t /*G*/, float* scores, float* out) {
-  constexpr int64_t D = NV * 16;
-  const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt((float)D));
-  __m512 qv[G][NV];
-  for (int r = 0; r < G; ++r)
-    for (int c = 0; c < NV; ++c) qv[r][c] = _mm512_loadu_ps(q + r * D + c * 16);
-  // The cache comes from DRAM (each token streams ~150 MB of weights through L3): prefetch the key
-  // rows 32 ahead and this key's value row for the second pass (1.5x faster at 256 keys cold).
-  constexpr int64_t kAhead = 32;
-  for (int64_t j = 0; j < S; ++j) {
-    for (int64_t b = 0; b < D * 2; b += 64) {
-      if (j + kAhead < S) _mm_prefetch((const char*)(K + (j + kAhead) * D) + b, _MM_HINT_T0);
-      _mm_prefetch((const char*)(Vc + j * D) + b, _MM_HINT_T0);
-    }
-    __m512 acc[G];
-    for (int r = 0; r < G; ++r) acc[r] = _mm512_setzero_ps();
-    for (int c = 0; c < NV; ++c) {
-      const __m512 k = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(K + j * D + c * 16)));
-      for (int r = 0; r < G; ++r) acc[r] = _mm512_fmadd_ps(qv[r][c], k, acc[r]);
-    }
-    for (int r = 0; r < G; ++r) scores[r * S + j] = _mm512_reduce_add_ps(_mm512_mul_ps(acc[r], scale));
-  }
-  // softmax numerators exp(s - max) with the vectorized exp (std::exp per score cost more than the
-  // dot products: 12 heads x S scores per layer); the 1/sum is applied to the output instead.
-  float inv[G];
-  for (int r = 0; r < G; ++r) {
-    float* sr = scores + r * S;
-    __m512 vmax = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < S; j += 16) {
-      const __mmask16 m = mm_mask16(S - j);
-      vmax = _mm512_mask_max_ps(vmax, m, vmax, _mm512_maskz_loadu_ps(m, sr + j));
-    }
-    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
-    __m512 vsum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < S; j += 16) {
-      const __mmask16 m = mm_mask16(S - j);
-      const __m512 e = mm512_exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sr + j), mx));
-      _mm512_mask_storeu_ps(sr + j, m, e);
-      vsum = _mm512_mask_add_ps(vsum, m, vsum, e);
-    }
-    inv[r] = 1.0f / _mm512_reduce_add_ps(vsum);
-  }
-  __m512 o[G][NV];
-  for (int r = 0; r < G; ++r)
-    for (int c = 0; c < NV; ++c) o[r][c] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < S; ++j) {
-    for (int c = 0; c < NV; ++c) {
-      const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(Vc + j * D + c * 16)));
-      for (int r = 0; r < G; ++r) o[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[r * S + j]), v, o[r][c]);
-    }
-  }
-  for (int r = 0; r < G; ++r)
-    for (int c = 0; c < NV; ++c)
-      _mm512_storeu_ps(out + r * D + c * 16, _mm512_mul_ps(o[r][c], _mm512_set1_ps(inv[r])));
-}
-
-template <int G>
-AttendFn attend_avx512_for_nv(int64_t nv) {
-  switch (nv) {
-    case 1: return attend_group_avx512_t<G, 1>;
-    case 2: return attend_group_avx512_t<G, 2>;
-    case 3: return attend_group_avx512_t<G, 3>;
-    case 4: return attend_group_avx512_t<G, 4>;
-    default: return nullptr;
-  }
-}
-
-// The instance for (G, D), or nullptr: G in 1..8, D in {16, 32, 48, 64}.
-AttendFn attend_avx512_for(int64_t G, int64_t D) {
-  if (D % 16 != 0) return nullptr;
-  const int64_t nv = D / 16;
-  switch (G) {
-    case 1: return attend_avx512_for_nv<1>(nv);
-    case 2: return attend_avx512_for_nv<2>(nv);
-    case 3: return attend_avx512_for_nv<3>(nv);
-    case 4: return attend_avx512_for_nv<4>(nv);
-    case 5: return attend_avx512_for_nv<5>(nv);
-    case 6: return attend_avx512_for_nv<6>(nv);
-    case 7: return attend_avx512_for_nv<7>(nv);
-    case 8: return attend_avx512_for_nv<8>(nv);
-    default: return nullptr;
-  }
-}
-#endif
-
-// The AVX-512 versions of this file's kernels run exactly when the matmuls do (dispatch.cpp's ISA
-// decision: set_isa > MOBILEMOE_KERNEL_ISA > best, which implies avx512f and fma); AVX2 and
-// portable use the portable attention and router.
-bool use_avx512() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  return mobilemoe_api::uses_avx512(mobilemoe_api::current_isa().isa);
-#else
-  return false;
-#endif
-}
-
-// ---- decode router: fp32 logits of rows [e0, e1) of the router weight [E, H] for one token -------
-// Each logit is summed in a fixed order (independent of threads); sigmoid applied when asked.
-void router_rows_portable(const float* h, const float* W, int64_t H, int64_t e0, int64_t e1, bool sigmoid,
-                          float* out) {
-  for (int64_t e = e0; e < e1; ++e) {
-    float acc = 0.f;
-    for (int64_t i = 0; i < H; ++i) acc += h[i] * W[e * H + i];
-    out[e] = sigmoid ? 1.f / (1.f + std::exp(-acc)) : acc;
-  }
-}
-
-#if defined(__x86_64__) && defined(__GNUC__)
-// Four rows at a time (four independent FMA chains sharing each load of h), prefetching the rows
-// ahead (the router is evicted by the ~150 MB of weights each token streams) and a vectorized sigmoid.
-__attribute__((target("avx512f,fma"))) void router_rows_avx512(const float* h, const float* W, int64_t H,
-                                                                int64_t e0, int64_t e1, bool sigmoid, float* out) {
-  for (int64_t e = e0; e < e1; e += 4) {
-    const int n = (int)std::min<int64_t>(4, e1 - e);
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int64_t i = 0; i < H; i += 16) {
-      const __mmask16 m = mm_mask16(H - i);
-      const __m512 hv = _mm512_maskz_loadu_ps(m, h + i);
-      for (int r = 0; r < n; ++r) {
-        const float* row = W + (e + r) * H + i;
-        _mm_prefetch((const char*)(row + 4 * H), _MM_HINT_T0);
-        acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, row), hv, acc[r]);
-      }
-    }
-    for (int r = 0; r < n; ++r) out[e + r] = _mm512_reduce_add_ps(acc[r]);
-  }
-  if (!sigmoid) return;
-  const __m512 one = _mm512_set1_ps(1.f);
-  for (int64_t e = e0; e < e1; e += 16) {
-    const __mmask16 m = mm_mask16(e1 - e);
-    const __m512 v = _mm512_maskz_loadu_ps(m, out + e);
-    _mm512_mask_storeu_ps(out + e, m, _mm512_div_ps(one, _mm512_add_ps(one, mm512_exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), v)))));
-  }
-}
-#endif
-
-using RouterFn = void (*)(const float*, const float*, int64_t, int64_t, int64_t, bool, float*);
-
-RouterFn pick_router() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (use_avx512()) return router_rows_avx512;
-#endif
-  return router_rows_portable;
-}
-
-AttendFn pick_attend(int64_t D, int64_t G) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (use_avx512())
-    if (AttendFn f = attend_avx512_for(G, D)) return f;
-#endif
-  return attend_group_portable;
-}
-
-// ---- prefill attention: causal GQA of T new positions over the cache ------------------------------
-// The AVX-512 BF16 kernel (flash_attn.h) where the CPU has it; ATen's fp32 SDPA otherwise.
-bool prefill_bf16_available(int64_t D) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  return use_avx512() && __builtin_cpu_supports("avx512bf16") && mm_attn_supports_bf16(D);
-#else
-  (void)D;
-  return false;
-#endif
-}
-
-// qkv [T, W] fp32 rows whose first nKV*G*D columns are the query heads (group g's heads g*G..);
-// caches [1, nKV, max_len, D] fp16 holding positions [0, start+T) -> [T, nKV*G*D].
-at::Tensor prefill_attention(const at::Tensor& qkv, int64_t nKV, int64_t G, int64_t D, const at::Tensor& kcache,
-                             const at::Tensor& vcache, int64_t start, bool bf16) {
-  const int64_t T = qkv.size(0), QO = nKV * G * D, S = start + T, max_len = kcache.size(2);
-  at::Tensor out = at::empty({T, QO}, qkv.options());
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (bf16 && G <= MM_ATTN_MAX_ROWS) {  // (a query tile holds at least one position's G heads)
-    // Pack every group's keys/values to bf16 once, then (group, query tile) jobs. A job takes tiles
-    // i and n-1-i, so every job has the same causal work and the pool's halves stay balanced.
-    const int64_t Sp = mm_attn_padded_keys(S);
-    thread_local std::vector<uint16_t> kp, vp;
-    if ((int64_t)kp.size() < nKV * Sp * D) kp.resize(nKV * Sp * D), vp.resize(nKV * Sp * D);
-    uint16_t* kpp = kp.data();
-    uint16_t* vpp = vp.data();
-    const uint16_t* kc = reinterpret_cast<const uint16_t*>(kcache.data_ptr<at::Half>());
-    const uint16_t* vc = reinterpret_cast<const uint16_t*>(vcache.data_ptr<at::Half>());
-    mobilemoe_api::parallel_jobs(nKV, [&](int64_t g) {
-      mm_attn_pack_kv_bf16(kc + g * max_len * D, vc + g * max_len * D, S, D, kpp + g * Sp * D, vpp + g * Sp * D);
-    });
-    const int64_t tile = std::max<int64_t>(1, MM_ATTN_MAX_ROWS / G), ntiles = (T + tile - 1) / tile;
-    const int64_t npairs = (ntiles + 1) / 2, W = qkv.size(1);
-    const float* qp = qkv.data_ptr<float>();
-    float* op = out.data_ptr<float>();
-    mobilemoe_api::parallel_jobs(nKV * npairs, [&](int64_t j) {
-      const int64_t g = j / npairs, i = j % npairs;
-      for (int64_t ti : {i, ntiles - 1 - i}) {
-        mm_attn_rows_bf16(qp + g * G * D, W, ti * tile, std::min(T, (ti + 1) * tile), G, D, start,
-                          kpp + g * Sp * D, vpp + g * Sp * D, op + g * G * D, QO);
-        if (ti == ntiles - 1 - i) break;  // the middle tile of an odd count runs once
-      }
-    });
-    return out;
-  }
-#endif
-  (void)bf16;
-  // ATen SDPA per KV group (its G query heads), groups as jobs of the kernels' pool and each SDPA
-  // inline in its job, so no OpenMP team races the pool's threads.
-  at::Tensor q = qkv.narrow(1, 0, QO).view({T, nKV * G, D}).transpose(0, 1);  // [nH, T, D]
-  std::optional<at::Tensor> mask;
-  if (start > 0) {  // a chunk appended after `start` cached positions
-    at::Tensor qpos = at::arange(start, start + T, at::kLong).unsqueeze(1);
-    mask = at::arange(S, at::kLong).unsqueeze(0) <= qpos;
-  }
-  at::Tensor heads = at::empty({nKV * G, T, D}, qkv.options());
-  mobilemoe_api::parallel_jobs(nKV, [&](int64_t g) {
-    c10::ParallelGuard inline_ops(true);
-    at::Tensor k = kcache.select(0, 0).narrow(0, g, 1).narrow(1, 0, S).to(at::kFloat);  // [1, S, D]
-    at::Tensor v = vcache.select(0, 0).narrow(0, g, 1).narrow(1, 0, S).to(at::kFloat);
-    at::Tensor qg = q.narrow(0, g * G, G).unsqueeze(0);  // [1, G, T, D]
-    at::Tensor o = at::scaled_dot_product_attention(qg, k.unsqueeze(0), v.unsqueeze(0), mask, 0.0, start == 0,
-                                                    std::nullopt, /*enable_gqa=*/true);
-    heads.narrow(0, g * G, G).copy_(o.squeeze(0));
-  });
-  out.copy_(heads.transpose(0, 1).reshape({T, QO}));
-  return out;
-}
-
 // Wall time per category of a forward, accumulated while enabled (NativeModel.set_profiling).
 struct Profiler {
   bool on = false;
@@ -371,63 +110,79 @@ struct Profiler {
   }
 };
 
-}  // namespace
+const at::Tensor& no_tensor() {
+  static const at::Tensor empty = at::empty({0, 0}, at::TensorOptions().dtype(at::kByte));
+  return empty;
+}
 
 class NativeModel {
  public:
-  NativeModel(int64_t hidden, int64_t n_heads, int64_t n_kv, int64_t head_dim, int64_t vocab, int64_t experts,
-              int64_t top_k, int64_t routed_width, double eps, double routed_scale, bool norm_topk, bool sigmoid,
-              bool qk_norm, int64_t max_len, at::Tensor cos, at::Tensor sin, at::Tensor embed_q, at::Tensor embed_s,
-              at::Tensor head, at::Tensor final_norm)
-      : H(hidden), nH(n_heads), nKV(n_kv), D(head_dim), V(vocab), E(experts), K(top_k), I(routed_width),
-        eps((float)eps), scale((float)routed_scale), norm_topk(norm_topk), sigmoid(sigmoid), qk_norm(qk_norm),
-        max_len(max_len), cos_(cos.contiguous()), sin_(sin.contiguous()), embed_q(embed_q.contiguous()),
-        embed_s(embed_s.contiguous()), head(head), final_norm(final_norm.contiguous()) {
-    TORCH_CHECK(cos_.size(0) >= max_len && cos_.size(1) == D / 2, "rope tables must be [max_len, D/2]");
-    // MOBILEMOE_PREFILL_ATTENTION=sdpa keeps ATen's fp32 SDPA (to compare speed and logits); read
-    // once here, not on every forward.
+  explicit NativeModel(const ModelSpec& spec)
+      : H(spec.hidden), nH(spec.n_heads), nKV(spec.n_kv_heads), D(spec.head_dim), V(spec.vocab), E(spec.experts),
+        K(spec.top_k), I(spec.routed_width), eps((float)spec.eps), scale((float)spec.routed_scale),
+        norm_topk(spec.norm_topk), sigmoid(spec.sigmoid_router), qk_norm(spec.qk_norm), max_len(spec.max_len) {
+    require(H > 0 && H % 32 == 0, "hidden", "must be a positive multiple of 32, got ", H);
+    require(nH > 0 && nKV > 0 && nH % nKV == 0, "n_heads / n_kv_heads", "must be positive with n_kv_heads dividing ",
+            "n_heads, got ", nH, " / ", nKV);
+    require(D > 0 && D % 2 == 0, "head_dim", "must be positive and even, got ", D);
+    require(V > 0 && max_len > 0, "vocab / max_len", "must be positive, got ", V, " / ", max_len);
+    require(E >= 0 && K >= 0 && K <= E && (E == 0) == (K == 0), "experts / top_k",
+            "must be both 0 (dense) or 0 < top_k <= experts, got ", E, " / ", K);
+    cos_ = spec.rope_cos.contiguous(), sin_ = spec.rope_sin.contiguous();
+    check_fp32(cos_, "rope_cos", {max_len, D / 2});
+    check_fp32(sin_, "rope_sin", {max_len, D / 2});
+    embed_q = spec.embed_codes.contiguous(), embed_s = spec.embed_scales.contiguous();
+    require(embed_q.dtype() == at::kByte && embed_q.sizes() == at::IntArrayRef({V, H / 2}), "embed_codes",
+            "must be uint8 [", V, ", ", H / 2, "], got ", embed_q.sizes());
+    require(embed_s.dtype() == at::kHalf && embed_s.sizes() == at::IntArrayRef({V, H / 32}), "embed_scales",
+            "must be float16 [", V, ", ", H / 32, "], got ", embed_s.sizes());
+    check_packed(spec.lm_head, "lm_head");
+    head = spec.lm_head;
+    final_norm = spec.final_norm.contiguous();
+    check_fp32(final_norm, "final_norm", {H});
+    // MOBILEMOE_PREFILL_ATTENTION=sdpa keeps ATen's fp32 SDPA (to compare speed and logits).
     const char* pa = std::getenv("MOBILEMOE_PREFILL_ATTENTION");
     sdpa_forced = pa && std::string(pa) == "sdpa";
     pick_paths();
   }
 
-  // Pick this file's kernels from the current ISA decision. Called by every forward (a few atomic
-  // loads of the cached decision), so set_isa() after construction still governs them.
-  void pick_paths() {
-    isa_name = mobilemoe_api::current_isa().name;
-    attend = pick_attend(D, nH / nKV);
-    prefill_bf16 = !sdpa_forced && prefill_bf16_available(D);
-    router_rows = pick_router();
-  }
-
-  // The kernels the last forward used (or the next one would, before any): for tests and reports.
-  std::map<std::string, std::string> kernel_paths() const {
-    const bool attend_portable = attend == attend_group_portable;
-    const bool router_portable = router_rows == router_rows_portable;
-    return {{"isa", isa_name},
-            {"attention", attend_portable ? "portable" : "avx512"},
-            {"router", router_portable ? "portable" : "avx512"},
-            {"prefill_attention", prefill_bf16 ? "avx512bf16" : "sdpa"}};
-  }
-
-  void add_layer(at::Tensor in_norm, at::Tensor post_norm, at::Tensor qkv, at::Tensor o, bool rope, bool moe,
-                 at::Tensor router, at::Tensor bias, at::Tensor gu_codes, at::Tensor gu_scales, at::Tensor dn_codes,
-                 at::Tensor dn_scales, at::Tensor ffn_gu, at::Tensor ffn_dn, int64_t ffn_width) {
-    Layer l;
-    l.in_norm = in_norm.contiguous();
-    l.post_norm = post_norm.contiguous();
-    l.qkv = qkv, l.o = o, l.rope = rope, l.moe = moe;
-    l.router = router.contiguous(), l.bias = bias.contiguous();
-    l.gu_codes = gu_codes, l.gu_scales = gu_scales, l.dn_codes = dn_codes, l.dn_scales = dn_scales;
-    l.ffn_gu = ffn_gu, l.ffn_dn = ffn_dn, l.ffn_width = ffn_width;
+  void add_layer(const LayerSpec& spec) {
+    LayerSpec l = spec;
+    l.input_norm = l.input_norm.contiguous();
+    l.post_norm = l.post_norm.contiguous();
+    check_fp32(l.input_norm, "input_norm", {H});
+    check_fp32(l.post_norm, "post_norm", {H});
+    check_packed(l.qkv, "qkv");
+    check_packed(l.o, "o");
+    require(l.ffn_width >= 0, "ffn_width", "must be >= 0, got ", l.ffn_width);
+    if (l.ffn_width > 0 || !l.moe) {
+      require(l.ffn_width > 0, "ffn_width", "of a dense layer must be positive");
+      check_packed(l.ffn_gate_up, "ffn_gate_up");
+      check_packed(l.ffn_down, "ffn_down");
+    }
+    if (l.moe) {
+      require(E > 0, "moe", "layer in a model with experts = 0");
+      l.router = l.router.contiguous(), l.expert_bias = l.expert_bias.contiguous();
+      check_fp32(l.router, "router", {E, H});
+      check_fp32(l.expert_bias, "expert_bias", {E});
+      for (const at::Tensor* t : {&l.gu_codes, &l.gu_scales, &l.dn_codes, &l.dn_scales})
+        require(t->defined() && t->dim() >= 2, "routed experts", "(gu_codes, gu_scales, dn_codes, dn_scales) must be set");
+    }
     layers.push_back(l);
     auto opt = at::TensorOptions().dtype(at::kHalf);  // fp16 KV cache, as llama.cpp
     kcache.push_back(at::zeros({1, nKV, max_len, D}, opt));
     vcache.push_back(at::zeros({1, nKV, max_len, D}, opt));
   }
 
+  // The kernels the last forward used (or the next one would, before any): for tests and reports.
+  std::map<std::string, std::string> kernel_paths() const {
+    return {{"isa", kern->name},
+            {"attention", attend == mm_attend_portable ? "portable" : kern->vector_isa},
+            {"router", kern->router_rows == mm_router_rows_portable ? "portable" : kern->vector_isa},
+            {"prefill_attention", prefill_bf16 ? "avx512bf16" : "sdpa"}};
+  }
+
   // ids [T] int64 at positions [start, start+T) -> logits [V] of the last position.
-  // With ``routing`` set, chosen expert ids of every MoE layer are appended there ([T, K] each).
   at::Tensor forward(const at::Tensor& ids_in, int64_t start) {
     at::Tensor ids = ids_in.contiguous();
     TORCH_CHECK(ids.dtype() == at::kLong && ids.dim() == 1 && ids.size(0) > 0, "ids must be a non-empty int64 [T]");
@@ -440,52 +195,21 @@ class NativeModel {
     at::Tensor h = at::empty({T, H}, x.options());
     prof.stop("embed");
     for (size_t li = 0; li < layers.size(); ++li) {
-      Layer& L = layers[li];
-      norm_rows(x, L.in_norm, h);
+      LayerSpec& L = layers[li];
+      norm_rows(x, L.input_norm, h);
       prof.stop("norm");
       add_rows(x, attention(li, h, start));
       prof.stop("attn_out_proj");
       norm_rows(x, L.post_norm, h);
       prof.stop("norm");
-      add_rows(x, L.moe ? moe(L, h) : dense_ffn(L, h));
+      add_rows(x, L.moe ? moe(li, h) : dense_ffn(L, h));
       prof.stop(L.moe ? "moe_experts" : "dense_ffn");
     }
     at::Tensor last = at::empty({1, H}, x.options());
     rms_norm_row(x.data_ptr<float>() + (T - 1) * H, final_norm.data_ptr<float>(), last.data_ptr<float>(), H, eps);
-    at::Tensor logits = mobilemoe_api::linear(head, V, H, last).view({V});
+    at::Tensor logits = mobilemoe_ops::linear(head, V, H, last).view({V});
     prof.stop("lm_head");
     return logits;
-  }
-
-  // fn(t) for rows t in [0, T): inline for one row (decode), else chunks of `chunk` rows as jobs of
-  // the kernels' pool (prefill spent ~10% of its time in these per-row loops on one thread).
-  template <typename F>
-  static void for_rows(int64_t T, int64_t chunk, const F& fn) {
-    if (T == 1) {
-      fn(0);
-      return;
-    }
-    mobilemoe_api::parallel_jobs((T + chunk - 1) / chunk, [&](int64_t c) {
-      for (int64_t t = c * chunk; t < std::min(T, (c + 1) * chunk); ++t) fn(t);
-    });
-  }
-
-  // y = RMSNorm(x) * w row by row ([T, H] fp32).
-  void norm_rows(const at::Tensor& x, const at::Tensor& w, at::Tensor& y) const {
-    const float* xp = x.data_ptr<float>();
-    const float* wp = w.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
-    for_rows(x.size(0), 32, [&](int64_t t) { rms_norm_row(xp + t * H, wp, yp + t * H, H, eps); });
-  }
-
-  // x += y for contiguous fp32 tensors of the same shape: a plain loop (ATen's add_ costs ~1 us of
-  // dispatch per call, and decode does two per layer).
-  static void add_rows(at::Tensor& x, const at::Tensor& y) {
-    TORCH_CHECK(y.is_contiguous() && y.numel() == x.numel(), "residual add: shape mismatch");
-    float* xp = x.data_ptr<float>();
-    const float* yp = y.data_ptr<float>();
-    const int64_t n = x.numel();
-    for (int64_t i = 0; i < n; ++i) xp[i] += yp[i];
   }
 
   int64_t num_layers() const { return (int64_t)layers.size(); }
@@ -517,47 +241,34 @@ class NativeModel {
   }
   std::map<std::string, double> profile() const { return prof.seconds; }
 
-  ~NativeModel() {
-    if (store_fd >= 0) ::close(store_fd);
-  }
-
-  // The expert store: one file holding every routed expert's packed bytes as one record
-  // (gate_up codes | gate_up scales | down codes | down scales), read with preadv into cache slots.
-  // drop_page_cache: drop the file's cached pages at open and each record's pages after it is read
-  // (POSIX_FADV_DONTNEED), so every miss reads the storage device instead of RAM.
+  // ---- offloading: routed experts on storage, C cache slots per layer (expert_cache.h) ----------
   void open_expert_store(const std::string& path, bool drop_page_cache) {
-    TORCH_CHECK(store_fd < 0, "an expert store is already open");
-    store_fd = ::open(path.c_str(), O_RDONLY);
-    TORCH_CHECK(store_fd >= 0, "cannot open the expert store ", path, ": ", std::strerror(errno));
-    drop_cache = drop_page_cache;
-    // Misses are random reads of whole records: no readahead, which would pull neighbouring experts
-    // into the page cache and turn later misses into memory copies.
-    ::posix_fadvise(store_fd, 0, 0, POSIX_FADV_RANDOM);
-    if (drop_cache) ::posix_fadvise(store_fd, 0, 0, POSIX_FADV_DONTNEED);
+    TORCH_CHECK(!cache, "an expert store is already open");
+    cache = std::make_unique<mobilemoe_cache::ExpertCache>(path, drop_page_cache);
   }
 
-  // Layer li keeps its routed experts on storage: its expert tensors (given to add_layer) are C
-  // cache slots, record_offsets [E] the byte offset of each expert's record in the store file.
+  // Layer li keeps its routed experts on storage: its expert tensors (given to add_layer) are the
+  // C cache slots, record_offsets [E] the byte offset of each expert's record in the store file.
   void offload_layer(int64_t li, const at::Tensor& record_offsets) {
-    TORCH_CHECK(store_fd >= 0, "open_expert_store first");
+    TORCH_CHECK(cache, "open_expert_store first");
     TORCH_CHECK(li >= 0 && li < (int64_t)layers.size() && layers[li].moe, "layer ", li, " is not an MoE layer");
-    Layer& L = layers[li];
-    at::Tensor offs = record_offsets.to(at::kLong).contiguous();
-    TORCH_CHECK(offs.dim() == 1 && offs.size(0) == E, "record_offsets must be int64 [", E, "]");
+    LayerSpec& L = layers[li];
+    TORCH_CHECK(record_offsets.dim() == 1 && record_offsets.size(0) == E, "record_offsets must be int64 [", E, "]");
     const int64_t C = L.gu_codes.size(0);
     TORCH_CHECK(C >= K && C <= E, "expert cache capacity ", C, " must be in [top_k=", K, ", experts=", E, "]");
-    L.offloaded = true;
-    L.record_offset.assign(offs.data_ptr<int64_t>(), offs.data_ptr<int64_t>() + E);
-    L.slot_of.assign(E, -1);
-    L.expert_of.assign(C, -1);
-    L.last_use.assign(C, 0);
+    cache->add_layer(li, record_offsets, {L.gu_codes, L.gu_scales, L.dn_codes, L.dn_scales});
+    if ((int64_t)offloaded.size() <= li) offloaded.resize(li + 1, false);
+    offloaded[li] = true;
   }
 
   std::map<std::string, double> offload_stats() const {
-    return {{"hits", (double)ostats.hits}, {"misses", (double)ostats.misses},
-            {"bytes_read", (double)ostats.bytes_read}, {"read_seconds", ostats.read_seconds}};
+    const mobilemoe_cache::CacheStats s = cache ? cache->stats() : mobilemoe_cache::CacheStats();
+    return {{"hits", (double)s.hits}, {"misses", (double)s.misses}, {"bytes_read", (double)s.bytes_read},
+            {"read_seconds", s.read_seconds}};
   }
-  void reset_offload_stats() { ostats = OffloadStats(); }
+  void reset_offload_stats() {
+    if (cache) cache->reset_stats();
+  }
 
   // Record the chosen experts of every MoE layer ([T, K] per layer per forward call) until turned off.
   void set_record_routing(bool on) {
@@ -567,7 +278,45 @@ class NativeModel {
   std::vector<at::Tensor> recorded_routing() const { return routing; }
 
  private:
-  // Dequantize embedding rows: value = code * scale, groups of 32 along H, even index = low nibble.
+  // The current ISA decision's kernels; every forward looks again, so set_isa() governs them.
+  void pick_paths() {
+    kern = mobilemoe_ops::kernels();
+    attend = kern->attend_for(nH / nKV, D);
+    prefill_bf16 = !sdpa_forced && mobilemoe_ops::prefill_bf16_available(D);
+  }
+
+  // fn(t) for rows t in [0, T): inline for one row (decode), else chunks of `chunk` rows as pool jobs.
+  template <typename F>
+  static void for_rows(int64_t T, int64_t chunk, const F& fn) {
+    if (T == 1) {
+      fn(0);
+      return;
+    }
+    parallel_jobs((T + chunk - 1) / chunk, [&](int64_t c) {
+      for (int64_t t = c * chunk; t < std::min(T, (c + 1) * chunk); ++t) fn(t);
+    });
+  }
+
+  // y = RMSNorm(x) * w row by row ([T, H] fp32).
+  void norm_rows(const at::Tensor& x, const at::Tensor& w, at::Tensor& y) const {
+    const float* xp = x.data_ptr<float>();
+    const float* wp = w.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    for_rows(x.size(0), 32, [&](int64_t t) { rms_norm_row(xp + t * H, wp, yp + t * H, H, eps); });
+  }
+
+  // x += y for contiguous fp32 tensors of the same shape: a plain loop (an ATen add_ costs more in
+  // dispatch than the add at decode).
+  static void add_rows(at::Tensor& x, const at::Tensor& y) {
+    TORCH_CHECK(y.is_contiguous() && y.numel() == x.numel(), "residual add: shape mismatch");
+    float* xp = x.data_ptr<float>();
+    const float* yp = y.data_ptr<float>();
+    const int64_t n = x.numel();
+    for (int64_t i = 0; i < n; ++i) xp[i] += yp[i];
+  }
+
+  // Embedding rows decoded from the checkpoint's INT4 format (formats.py): value = code * scale,
+  // groups of 32 along H, two's-complement nibbles with the even index in the low nibble.
   at::Tensor embed(const at::Tensor& ids) {
     const int64_t T = ids.size(0), G = H / 32;
     at::Tensor x = at::empty({T, H}, at::TensorOptions().dtype(at::kFloat));
@@ -603,7 +352,7 @@ class NativeModel {
   }
 
   // RoPE then weightless QK-norm on the q and k heads of one fused qkv row at position pos.
-  void rope_qknorm_row(const Layer& L, float* row, int64_t pos) const {
+  void rope_qknorm_row(const LayerSpec& L, float* row, int64_t pos) const {
     for (int64_t hd = 0; hd < nH + nKV; ++hd) {  // q heads then k heads
       float* v = row + hd * D;
       if (L.rope) rope_head(v, pos);
@@ -612,9 +361,9 @@ class NativeModel {
   }
 
   at::Tensor attention(size_t li, const at::Tensor& h, int64_t start) {
-    const Layer& L = layers[li];
+    const LayerSpec& L = layers[li];
     const int64_t T = h.size(0), QO = nH * D, KO = nKV * D;
-    at::Tensor qkv = mobilemoe_api::linear(L.qkv, QO + 2 * KO, H, h);  // [T, QO + 2 KO]
+    at::Tensor qkv = mobilemoe_ops::linear(L.qkv, QO + 2 * KO, H, h);  // [T, QO + 2 KO]
     prof.stop("qkv_proj");
     float* p = qkv.data_ptr<float>();
     at::Half* kc = kcache[li].data_ptr<at::Half>();
@@ -629,34 +378,26 @@ class NativeModel {
       }
     });
     prof.stop("rope_qknorm_cache");
-    const int64_t S = start + T;
-    if (T == 1) {  // decode: the fp16 cache read once per KV group, groups spread over the job pool
-      const int64_t G = nH / nKV;
-      at::Tensor out = at::empty({1, QO}, qkv.options());
-      const float* qp = qkv.data_ptr<float>();
-      float* op = out.data_ptr<float>();
-      const uint16_t* kb = reinterpret_cast<const uint16_t*>(kc);
-      const uint16_t* vb = reinterpret_cast<const uint16_t*>(vc);
-      std::vector<float> scores(nKV * G * S);
-      mobilemoe_api::parallel_jobs(nKV, [&](int64_t g) {
-        attend(qp + g * G * D, kb + g * max_len * D, vb + g * max_len * D, S, D, G, scores.data() + g * G * S,
-               op + g * G * D);
-      });
-      prof.stop("attention");
-      return mobilemoe_api::linear(L.o, H, QO, out);
+    at::Tensor out;
+    if (T == 1) {
+      out = at::empty({1, QO}, qkv.options());
+      mobilemoe_ops::decode_attention(attend, qkv.data_ptr<float>(), reinterpret_cast<const uint16_t*>(kc),
+                                      reinterpret_cast<const uint16_t*>(vc), nKV, nH / nKV, D, start + 1, max_len,
+                                      out.data_ptr<float>());
+    } else {
+      out = mobilemoe_ops::prefill_attention(qkv, nKV, nH / nKV, D, kcache[li], vcache[li], start, prefill_bf16);
     }
-    at::Tensor flat = prefill_attention(qkv, nKV, nH / nKV, D, kcache[li], vcache[li], start, prefill_bf16);
     prof.stop("attention");
-    return mobilemoe_api::linear(L.o, H, QO, flat);
+    return mobilemoe_ops::linear(L.o, H, QO, out);
   }
 
   // One token's routing from its scores s [E]: the top-k of s + bias (selection only; ties to the
   // lower index), weights s of the chosen (renormalised if norm_topk) times the routed scale.
-  // k passes of a first-maximum scan (k is small; a partial_sort per token cost ~1 us).
-  void select_topk(const Layer& L, const float* s, int64_t* ids, float* w) const {
+  // k passes of a first-maximum scan (k is small, so this beats a partial sort).
+  void select_topk(const LayerSpec& L, const float* s, int64_t* ids, float* w) const {
     thread_local std::vector<float> sel;
     sel.resize(E);
-    const float* bp = L.bias.data_ptr<float>();
+    const float* bp = L.expert_bias.data_ptr<float>();
     for (int64_t e = 0; e < E; ++e) sel[e] = s[e] + bp[e];
     float total = 0.f;
     for (int64_t j = 0; j < K; ++j) {
@@ -671,35 +412,22 @@ class NativeModel {
     for (int64_t j = 0; j < K; ++j) w[j] = (norm_topk ? s[ids[j]] / total : s[ids[j]]) * scale;
   }
 
-  at::Tensor moe(Layer& L, const at::Tensor& h) {
-    auto [scores, ids, w] = route(L, h);
-    prof.stop("router");
-    if (record_routing) routing.push_back(ids.clone());
-    if (L.offloaded) return moe_offloaded(L, h, ids, w);
-    static const at::Tensor empty = at::empty({0, 0}, at::TensorOptions().dtype(at::kByte));
-    const bool shared = L.ffn_width > 0;
-    return mobilemoe_api::moe(h, ids, w, L.gu_codes, L.gu_scales, L.dn_codes, L.dn_scales, I,
-                              shared ? L.ffn_gu : empty, shared ? L.ffn_dn : empty, L.ffn_width);
-  }
-
   // Router scores [T, E], chosen experts [T, K] and their combine weights [T, K] for h [T, H].
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> route(const Layer& L, const at::Tensor& h) const {
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> route(const LayerSpec& L, const at::Tensor& h) const {
     const int64_t T = h.size(0);
-    // fp32 router scores. One token: the router_rows kernel (ATen's dispatch costs more than the
-    // 60 x H dots); more: row chunks as pool jobs with the ATen ops inline (see attention()).
     at::Tensor scores = at::empty({T, E}, h.options());
     at::Tensor ids = at::empty({T, K}, at::TensorOptions().dtype(at::kLong));
     at::Tensor w = at::empty({T, K}, at::TensorOptions().dtype(at::kFloat));
     float* sp = scores.data_ptr<float>();
     int64_t* ip = ids.data_ptr<int64_t>();
     float* wp = w.data_ptr<float>();
-    if (T == 1) {
+    if (T == 1) {  // the ISA's router kernel (ATen's dispatch would cost more than the E x H dots)
       const float* hp = h.data_ptr<float>();
       const float* wr = L.router.data_ptr<float>();
-      // two halves on the job pool (a multiple of 4 rows each): the 60 x H fp32 rows come from DRAM
+      // two halves on the job pool (a multiple of 4 rows each): the E x H fp32 rows come from DRAM
       const int64_t half = (E / 2 + 3) / 4 * 4;
-      mobilemoe_api::parallel_jobs(2, [&](int64_t j) {
-        router_rows(hp, wr, H, j ? std::min(half, E) : 0, j ? E : std::min(half, E), sigmoid, sp);
+      parallel_jobs(2, [&](int64_t j) {
+        kern->router_rows(hp, wr, H, j ? std::min(half, E) : 0, j ? E : std::min(half, E), sigmoid, sp);
       });
       if (!sigmoid) {
         const float mx = *std::max_element(sp, sp + E);
@@ -710,7 +438,7 @@ class NativeModel {
       select_topk(L, sp, ip, wp);
     } else {  // chunks of rows: scores with the ATen ops inline, then each row's top-k
       const int64_t chunk = 64, nchunks = (T + chunk - 1) / chunk;
-      mobilemoe_api::parallel_jobs(nchunks, [&](int64_t c) {
+      parallel_jobs(nchunks, [&](int64_t c) {
         c10::ParallelGuard inline_ops(true);
         const int64_t r0 = c * chunk, n = std::min(chunk, T - r0);
         at::Tensor logits = at::mm(h.narrow(0, r0, n), L.router.t());
@@ -721,105 +449,51 @@ class NativeModel {
     return {scores, ids, w};
   }
 
-  // One expert into a cache slot with one preadv of its record (four parts, straight into the slots).
-  void read_expert(Layer& L, int64_t e, int64_t slot) {
-    at::Tensor* parts[4] = {&L.gu_codes, &L.gu_scales, &L.dn_codes, &L.dn_scales};
-    struct iovec iov[4];
-    int64_t total = 0;
-    for (int p = 0; p < 4; ++p) {
-      const int64_t n = parts[p]->nbytes() / parts[p]->size(0);
-      iov[p].iov_base = static_cast<uint8_t*>(parts[p]->data_ptr()) + slot * n;
-      iov[p].iov_len = (size_t)n;
-      total += n;
-    }
-    const auto t0 = std::chrono::steady_clock::now();
-    int64_t done = 0, off = L.record_offset[e];
-    int first = 0;
-    while (done < total) {  // preadv may return short; continue where it stopped
-      const ssize_t r = ::preadv(store_fd, iov + first, 4 - first, off + done);
-      TORCH_CHECK(r > 0, "expert store: read of expert ", e, " failed at offset ", off + done, ": ",
-                  r == 0 ? "unexpected end of file" : std::strerror(errno));
-      done += r;
-      for (int64_t left = r; left > 0 && first < 4;) {
-        const int64_t take = std::min<int64_t>(left, (int64_t)iov[first].iov_len);
-        iov[first].iov_base = static_cast<uint8_t*>(iov[first].iov_base) + take;
-        iov[first].iov_len -= take;
-        left -= take;
-        if (iov[first].iov_len == 0) ++first;
-      }
-    }
-    if (drop_cache) ::posix_fadvise(store_fd, off, total, POSIX_FADV_DONTNEED);
-    ostats.read_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    ostats.bytes_read += total;
-    ostats.misses += 1;
-  }
-
-  // Make the experts of `need` resident (LRU over slots, never evicting one of `need`); returns
-  // their slots. Accesses are counted in order, one clock tick each (as remoe.cache_sim does).
-  std::vector<int64_t> make_resident(Layer& L, const std::vector<int64_t>& need) {
-    std::vector<int64_t> slots;
-    std::vector<char> needed(E, 0);
-    for (int64_t e : need) needed[e] = 1;
-    const int64_t C = (int64_t)L.expert_of.size();
-    for (int64_t e : need) {
-      ++clock;
-      int64_t s = L.slot_of[e];
-      if (s >= 0) {
-        ostats.hits += 1;
-      } else {
-        s = -1;
-        for (int64_t c = 0; c < C; ++c) {  // a free slot, else the least recently used unneeded one
-          const int64_t held = L.expert_of[c];
-          if (held < 0) { s = c; break; }
-          if (!needed[held] && (s < 0 || L.last_use[c] < L.last_use[s])) s = c;
-        }
-        TORCH_CHECK(s >= 0, "expert cache: no slot to evict (capacity ", C, ")");
-        if (L.expert_of[s] >= 0) L.slot_of[L.expert_of[s]] = -1;
-        read_expert(L, e, s);
-        L.expert_of[s] = e;
-        L.slot_of[e] = s;
-      }
-      L.last_use[s] = clock;
-      slots.push_back(s);
-    }
-    return slots;
+  at::Tensor moe(size_t li, const at::Tensor& h) {
+    const LayerSpec& L = layers[li];
+    auto [scores, ids, w] = route(L, h);
+    prof.stop("router");
+    if (record_routing) routing.push_back(ids.clone());
+    if (li < offloaded.size() && offloaded[li]) return moe_offloaded(li, h, ids, w);
+    const bool shared = L.ffn_width > 0;
+    return mobilemoe_ops::moe(h, ids, w, L.gu_codes, L.gu_scales, L.dn_codes, L.dn_scales, I,
+                              shared ? L.ffn_gate_up : no_tensor(), shared ? L.ffn_down : no_tensor(), L.ffn_width);
   }
 
   // The MoE layer with offloaded experts: the distinct chosen experts in order of first use, in
   // batches of at most C (one batch at decode); each batch runs the fused operator on its slots
   // with the other assignments skipped (id -1). The shared expert runs with the first batch.
-  at::Tensor moe_offloaded(Layer& L, const at::Tensor& h, const at::Tensor& ids, const at::Tensor& w) {
-    const int64_t A = ids.numel(), C = (int64_t)L.expert_of.size();
+  at::Tensor moe_offloaded(size_t li, const at::Tensor& h, const at::Tensor& ids, const at::Tensor& w) {
+    const LayerSpec& L = layers[li];
+    const int64_t A = ids.numel(), C = cache->capacity((int64_t)li);
     const int64_t* ip = ids.data_ptr<int64_t>();
     std::vector<int64_t> order;
     std::vector<char> seen(E, 0);
     for (int64_t a = 0; a < A; ++a)
       if (!seen[ip[a]]) seen[ip[a]] = 1, order.push_back(ip[a]);
-    prof.stop("router");
-    static const at::Tensor empty = at::empty({0, 0}, at::TensorOptions().dtype(at::kByte));
     at::Tensor out;
     at::Tensor local = at::empty_like(ids);
     int64_t* lp = local.data_ptr<int64_t>();
     for (size_t b0 = 0; b0 < order.size(); b0 += C) {
       std::vector<int64_t> batch(order.begin() + b0, order.begin() + std::min(order.size(), b0 + C));
-      std::vector<int64_t> slots = make_resident(L, batch);
+      std::vector<int64_t> slots = cache->fetch((int64_t)li, batch);
       std::vector<int64_t> slot_in_batch(E, -1);
       for (size_t j = 0; j < batch.size(); ++j) slot_in_batch[batch[j]] = slots[j];
       for (int64_t a = 0; a < A; ++a) lp[a] = slot_in_batch[ip[a]];
       prof.stop("expert_io");
       const bool shared = b0 == 0 && L.ffn_width > 0;
-      at::Tensor part = mobilemoe_api::moe(h, local, w, L.gu_codes, L.gu_scales, L.dn_codes, L.dn_scales, I,
-                                           shared ? L.ffn_gu : empty, shared ? L.ffn_dn : empty,
+      at::Tensor part = mobilemoe_ops::moe(h, local, w, L.gu_codes, L.gu_scales, L.dn_codes, L.dn_scales, I,
+                                           shared ? L.ffn_gate_up : no_tensor(), shared ? L.ffn_down : no_tensor(),
                                            shared ? L.ffn_width : 0);
       if (b0 == 0) out = part; else add_rows(out, part);
     }
     return out;
   }
 
-  at::Tensor dense_ffn(const Layer& L, const at::Tensor& h) {
+  at::Tensor dense_ffn(const LayerSpec& L, const at::Tensor& h) {
     const int64_t S = L.ffn_width;
-    at::Tensor gu = mobilemoe_api::linear(L.ffn_gu, 2 * S, H, h);
-    return mobilemoe_api::linear(L.ffn_dn, H, S, mobilemoe_api::swiglu(gu, S));
+    at::Tensor gu = mobilemoe_ops::linear(L.ffn_gate_up, 2 * S, H, h);
+    return mobilemoe_ops::linear(L.ffn_down, H, S, mobilemoe_ops::swiglu(gu, S));
   }
 
   int64_t H, nH, nKV, D, V, E, K, I;
@@ -827,53 +501,18 @@ class NativeModel {
   bool norm_topk, sigmoid, qk_norm;
   int64_t max_len;
   at::Tensor cos_, sin_, embed_q, embed_s, head, final_norm;
-  std::vector<Layer> layers;
+  std::vector<LayerSpec> layers;
   std::vector<at::Tensor> kcache, vcache;
   Profiler prof;
-  AttendFn attend;
+  const mm_kernels* kern = nullptr;  // the ISA decision pick_paths() last saw
+  mm_attend_fn attend = nullptr;
   bool prefill_bf16 = false;  // prefill attention on the AVX-512 BF16 kernel (else ATen SDPA)
   bool sdpa_forced = false;   // MOBILEMOE_PREFILL_ATTENTION=sdpa at construction
-  RouterFn router_rows;
-  std::string isa_name;  // the ISA decision pick_paths() last saw
-  int store_fd = -1;
-  bool drop_cache = false;
-  OffloadStats ostats;
-  int64_t clock = 0;  // access clock of the expert caches
+  std::unique_ptr<mobilemoe_cache::ExpertCache> cache;
+  std::vector<bool> offloaded;  // layer -> routed experts in `cache`
   bool record_routing = false;
   std::vector<at::Tensor> routing;
 };
-
-// One KV head's decode attention with the kernel NativeModel picks (or the portable one), for the
-// tests: q [G, D] fp32, k and v [S, D] fp16 -> [G, D] = softmax(q k^T / sqrt(D)) v.
-at::Tensor attend_kv_head(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool portable) {
-  TORCH_CHECK(q.dtype() == at::kFloat && q.dim() == 2 && q.is_contiguous(), "q must be contiguous float32 [G, D]");
-  const int64_t G = q.size(0), D = q.size(1);
-  TORCH_CHECK(k.dtype() == at::kHalf && v.dtype() == at::kHalf && k.dim() == 2 && k.is_contiguous() &&
-                  v.is_contiguous() && k.sizes() == v.sizes() && k.size(1) == D && k.size(0) > 0,
-              "k and v must be contiguous float16 [S, D] with S > 0");
-  const int64_t S = k.size(0);
-  AttendFn f = portable ? attend_group_portable : pick_attend(D, G);
-  std::vector<float> scores(G * S);
-  at::Tensor out = at::empty({G, D}, q.options());
-  f(q.data_ptr<float>(), reinterpret_cast<const uint16_t*>(k.data_ptr<at::Half>()),
-    reinterpret_cast<const uint16_t*>(v.data_ptr<at::Half>()), S, D, G, scores.data(), out.data_ptr<float>());
-  return out;
-}
-
-// Causal prefill attention of one KV head, for the tests: q [T, G*D] fp32 at positions
-// [start, start+T), k and v [start+T, D] fp16 -> [T, G*D]; bf16: the AVX-512 BF16 kernel, else SDPA.
-at::Tensor prefill_attend_kv_head(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t G,
-                                  int64_t start, bool bf16) {
-  TORCH_CHECK(q.dtype() == at::kFloat && q.dim() == 2 && q.is_contiguous() && G > 0 && q.size(1) % G == 0,
-              "q must be contiguous float32 [T, G*D]");
-  const int64_t T = q.size(0), D = q.size(1) / G;
-  TORCH_CHECK(k.dtype() == at::kHalf && v.dtype() == at::kHalf && k.dim() == 2 && k.is_contiguous() &&
-                  v.is_contiguous() && k.sizes() == v.sizes() && k.size(1) == D && k.size(0) == start + T,
-              "k and v must be contiguous float16 [start+T, D]");
-  TORCH_CHECK(!bf16 || prefill_bf16_available(D), "the AVX-512 BF16 prefill attention is not available for D=", D,
-              " on this CPU/ISA setting");
-  return prefill_attention(q, 1, G, D, k.view({1, 1, start + T, D}), v.view({1, 1, start + T, D}), start, bf16);
-}
 
 // RMSNorm of each row of x [T, H] fp32 (times w [H] when w is non-empty): the forward's norm (test hook).
 at::Tensor rms_norm_rows(const at::Tensor& x, const at::Tensor& w, double eps) {
@@ -887,20 +526,55 @@ at::Tensor rms_norm_rows(const at::Tensor& x, const at::Tensor& w, double eps) {
   return y;
 }
 
+}  // namespace
+
 void register_native_model(pybind11::module_& m) {
-  m.def("rms_norm_rows", &rms_norm_rows, "the native RMSNorm of each row (test hook)", pybind11::arg("x"),
-        pybind11::arg("w"), pybind11::arg("eps"));
-  m.def("prefill_attend_kv_head", &prefill_attend_kv_head, "one KV head's causal prefill attention (test hook)",
-        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("G"), pybind11::arg("start"),
-        pybind11::arg("bf16"));
-  m.def("prefill_bf16_available", &prefill_bf16_available, "whether prefill attention can use the AVX-512 BF16 kernel");
-  m.def("attend_kv_head", &attend_kv_head, "one KV head's decode attention (test hook)", pybind11::arg("q"),
-        pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("portable") = false);
-  pybind11::class_<NativeModel>(m, "NativeModel")
-      .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, double, bool,
-                          bool, bool, int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>())
-      .def("add_layer", &NativeModel::add_layer)
-      .def("forward", &NativeModel::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
+  namespace py = pybind11;
+  m.def("rms_norm_rows", &rms_norm_rows, "the native RMSNorm of each row (test hook)", py::arg("x"), py::arg("w"),
+        py::arg("eps"));
+  py::class_<ModelSpec>(m, "ModelSpec", "NativeModel's model-wide shapes and tensors (named fields)")
+      .def(py::init<>())
+      .def_readwrite("hidden", &ModelSpec::hidden)
+      .def_readwrite("n_heads", &ModelSpec::n_heads)
+      .def_readwrite("n_kv_heads", &ModelSpec::n_kv_heads)
+      .def_readwrite("head_dim", &ModelSpec::head_dim)
+      .def_readwrite("vocab", &ModelSpec::vocab)
+      .def_readwrite("experts", &ModelSpec::experts)
+      .def_readwrite("top_k", &ModelSpec::top_k)
+      .def_readwrite("routed_width", &ModelSpec::routed_width)
+      .def_readwrite("eps", &ModelSpec::eps)
+      .def_readwrite("routed_scale", &ModelSpec::routed_scale)
+      .def_readwrite("norm_topk", &ModelSpec::norm_topk)
+      .def_readwrite("sigmoid_router", &ModelSpec::sigmoid_router)
+      .def_readwrite("qk_norm", &ModelSpec::qk_norm)
+      .def_readwrite("max_len", &ModelSpec::max_len)
+      .def_readwrite("rope_cos", &ModelSpec::rope_cos)
+      .def_readwrite("rope_sin", &ModelSpec::rope_sin)
+      .def_readwrite("embed_codes", &ModelSpec::embed_codes)
+      .def_readwrite("embed_scales", &ModelSpec::embed_scales)
+      .def_readwrite("lm_head", &ModelSpec::lm_head)
+      .def_readwrite("final_norm", &ModelSpec::final_norm);
+  py::class_<LayerSpec>(m, "LayerSpec", "one decoder layer of a NativeModel (named fields)")
+      .def(py::init<>())
+      .def_readwrite("input_norm", &LayerSpec::input_norm)
+      .def_readwrite("post_norm", &LayerSpec::post_norm)
+      .def_readwrite("qkv", &LayerSpec::qkv)
+      .def_readwrite("o", &LayerSpec::o)
+      .def_readwrite("rope", &LayerSpec::rope)
+      .def_readwrite("moe", &LayerSpec::moe)
+      .def_readwrite("router", &LayerSpec::router)
+      .def_readwrite("expert_bias", &LayerSpec::expert_bias)
+      .def_readwrite("gu_codes", &LayerSpec::gu_codes)
+      .def_readwrite("gu_scales", &LayerSpec::gu_scales)
+      .def_readwrite("dn_codes", &LayerSpec::dn_codes)
+      .def_readwrite("dn_scales", &LayerSpec::dn_scales)
+      .def_readwrite("ffn_gate_up", &LayerSpec::ffn_gate_up)
+      .def_readwrite("ffn_down", &LayerSpec::ffn_down)
+      .def_readwrite("ffn_width", &LayerSpec::ffn_width);
+  py::class_<NativeModel>(m, "NativeModel")
+      .def(py::init<const ModelSpec&>(), py::arg("spec"))
+      .def("add_layer", &NativeModel::add_layer, py::arg("layer"))
+      .def("forward", &NativeModel::forward, py::call_guard<py::gil_scoped_release>())
       .def("num_layers", &NativeModel::num_layers)
       .def("kernel_paths", &NativeModel::kernel_paths)
       .def("set_profiling", &NativeModel::set_profiling)

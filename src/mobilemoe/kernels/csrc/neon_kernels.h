@@ -276,4 +276,5 @@ MM_DEFINE_GEMM_4
 #define MM_NEON_NAME "i8mm"
 #endif
 
-extern const mm_kernels MM_NEON_TABLE = {MM_NEON_NAME, quant_row, gemm, silu_mul, prep_row, quant_scaled};
+extern const mm_kernels MM_NEON_TABLE = {MM_NEON_NAME, "portable", quant_row, gemm, silu_mul, prep_row,
+                                        quant_scaled, mm_attend_for_portable, mm_router_rows_portable};
