@@ -13,9 +13,13 @@ QK-norm, attention and SwiGLU run the model's own code:
   GEMM, sigmoid, top-k on score + expert_bias with ties to the lower index (the model's rule),
   renormalised combine weights x ``routed_scaling_factor``, then only the chosen experts' INT4 weights
   are unpacked and multiplied; the block's shared expert stays the model's ``SwiGLU`` (8da4w). The op
-  groups its INT4 weights along ``in``, the checkpoint along ``out``, so the experts are re-quantized
-  (:func:`int4_along_in`, the checkpoint's rounding rule; error in ``export/README.md``).
-  ``experts="op8"`` stores INT8 instead (0.5% RMS weight error, 1.7x the expert bytes).
+  groups its INT4 weights along ``in``. An INT4 checkpoint with ``expert_quant_group_axis: "in"``
+  stores its experts exactly so ([E, out, in] codes + fp16 scales): :func:`checkpoint_expert_codes`
+  reads them and the blobs carry those codes and scales (fp16 -> fp32 is exact), so the routed
+  experts are **code-exact**. Released checkpoints group along ``out`` and float checkpoints have no
+  codes: those experts are re-quantized (:func:`int4_along_in`, the checkpoint's rounding rule; error
+  in ``export/README.md``). ``experts="op8"`` stores INT8 instead (0.5% RMS weight error, 1.7x the
+  expert bytes).
 * MoE, fp32 program: router top-k -> :func:`mobilemoe.moe.select_topk_static` (the same rule
   without a sort, which ExecuTorch has no kernel for) and the model's data-dependent dispatch ->
   :class:`GatheredExperts` (gathers the k chosen experts' weights per token and runs the model's
@@ -53,12 +57,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from typing import NamedTuple
+
 from mobilemoe.config import MobileMoEConfig
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.export.common import ExportError
 from mobilemoe.model import MobileMoEForCausalLM
 from mobilemoe.moe import MoEBlock, StackedExperts, SwiGLU, select_topk_static
-from mobilemoe.quant.int4 import GROUP_SIZE, QMAX, QMIN
+from mobilemoe.quant.int4 import GROUP_SIZE, QMAX, QMIN, unpack_int4
 from mobilemoe.utils import atomic_path
 
 
@@ -225,6 +231,68 @@ def pack_universal(codes: torch.Tensor, scales: torch.Tensor, nbit: int = 4, gro
     return torch.cat([header.view(torch.uint8), body])
 
 
+def unpack_universal(blob: torch.Tensor, N: int, K: int, nbit: int = 4, group_size: int = GROUP_SIZE
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`pack_universal`: one blob -> (codes int8 [N, K], fp32 scales [N, K/g]).
+    Raises :class:`ExportError` on a header that is not the layout :func:`pack_universal` writes."""
+    header = blob[:OP_HEADER_BYTES].contiguous().view(torch.int32)
+    want = [_OP_HEADER_MAGIC, _OP_FORMAT_UNIVERSAL, nbit, 0, 0, OP_NR, OP_KR, OP_SR]
+    if header[:8].tolist() != want:
+        raise ExportError(f"not a universal {nbit}-bit blob: header {header[:8].tolist()}, expected {want}")
+    G, tiles, chunks = K // group_size, -(-N // OP_NR), group_size // OP_KR
+    code_bytes = OP_NR * group_size * nbit // 8
+    body = blob[OP_HEADER_BYTES:].reshape(tiles, G, -1)
+    packed, scale_bytes = body[..., :code_bytes], body[..., code_bytes:code_bytes + 4 * OP_NR]
+    if nbit == 4:
+        p = packed.reshape(tiles, G, chunks, -1, 16)
+        v = torch.cat([p & 0xF, p >> 4], -1).to(torch.int16) - 8
+    else:
+        v = packed.contiguous().view(torch.int8).to(torch.int16)
+    # [tile, group, chunk, sr, row, kr/sr] -> [tile, row, group, chunk, sr, kr/sr]
+    v = v.reshape(tiles, G, chunks, OP_SR, OP_NR, OP_KR // OP_SR).permute(0, 4, 1, 2, 3, 5)
+    codes = v.reshape(tiles * OP_NR, K)[:N].to(torch.int8)
+    scales = scale_bytes.contiguous().view(torch.float32).reshape(tiles, G, OP_NR).permute(0, 2, 1)
+    return codes, scales.reshape(tiles * OP_NR, G)[:N].contiguous()
+
+
+class ExpertCodes(NamedTuple):
+    """One MoE layer's routed experts as INT4 codes grouped along ``in``, in the op's [out, in]
+    orientation: w13 = gate rows then up rows [E, 2I, H] (scales fp32 [E, 2I, H/32]), w2 [E, H, I]
+    (scales [E, H, I/32])."""
+    w13_codes: torch.Tensor
+    w13_scales: torch.Tensor
+    w2_codes: torch.Tensor
+    w2_scales: torch.Tensor
+
+    def decoded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model-layout experts (gate_up [E, H, 2I], down [E, I, H]) these codes stand for (fp32)."""
+        return (dequant_along_in(self.w13_codes, self.w13_scales).transpose(1, 2).contiguous(),
+                dequant_along_in(self.w2_codes, self.w2_scales).transpose(1, 2).contiguous())
+
+
+def checkpoint_expert_codes(ckpt: str | os.PathLike) -> dict[int, ExpertCodes]:
+    """Layer index -> the checkpoint's own routed-expert codes and scales, for an INT4 checkpoint whose
+    experts are grouped along ``in`` (``expert_quant_group_axis: "in"``: stored [E, out, in], the op's
+    orientation and grouping, so nothing is re-quantized). Empty for float checkpoints and for ``out``
+    (released) ones, whose groups the op cannot read."""
+    from mobilemoe.checkpoint import load_tensors, quantized_group_dim, quantized_names
+    from mobilemoe.layout import tensor_specs
+
+    cfg, tensors = load_tensors(ckpt, lazy=True)
+    if not cfg.is_quantized or cfg.expert_quant_group_axis != "in":
+        return {}
+    parts: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for spec in tensor_specs(cfg):
+        if spec.role != "experts":
+            continue
+        if quantized_group_dim(cfg, spec) != -2:
+            raise ExportError(f"{spec.name}: expected routed experts grouped along 'in'")
+        qname, sname = quantized_names(spec)
+        which = "w13" if spec.name.endswith("gate_up_proj") else "w2"
+        parts.setdefault(spec.layer, {})[which] = (unpack_int4(tensors[qname]), tensors[sname].float())
+    return {layer: ExpertCodes(*p["w13"], *p["w2"]) for layer, p in parts.items()}
+
+
 def op_expert_weights(experts: StackedExperts) -> tuple[torch.Tensor, torch.Tensor]:
     """(w13 [E, 2I, H], w2 [E, H, I]) in the op's [out, in] orientation: w13 = gate rows then up rows
     (the op computes silu(first I) * second I, as the model's gate/up split)."""
@@ -243,9 +311,14 @@ def requantized_experts(experts: StackedExperts) -> tuple[torch.Tensor, torch.Te
 class QuantizedMoE(nn.Module):
     """A :class:`MoEBlock` as one ``llama::quantized_moe_ffn`` call (router, top-k, only the chosen
     experts' INT4 weights) plus the block's own shared expert. ``forward(x) -> (out, None)``: the
-    routing stays inside the op."""
+    routing stays inside the op.
 
-    def __init__(self, block: MoEBlock, nbit: int = 4) -> None:
+    ``codes`` (INT4 only; :func:`checkpoint_expert_codes`): the checkpoint's own codes and scales
+    grouped along ``in``; the blobs then hold them as they are (``code_exact``). They must decode to
+    the block's expert weights bit for bit (the model the rest of the program is built from), else
+    :class:`ExportError`. Without ``codes`` the block's weights are re-quantized along ``in``."""
+
+    def __init__(self, block: MoEBlock, nbit: int = 4, codes: ExpertCodes | None = None) -> None:
         super().__init__()
         _load_moe_op()
         cfg = block.cfg
@@ -258,16 +331,35 @@ class QuantizedMoE(nn.Module):
         self.score_func = cfg.router_type
         # The softmax path has no route_scale: fold the model's factor into the down projection.
         self.route_scale = float(cfg.routed_scaling_factor) if cfg.router_type == "sigmoid" else 1.0
-        w13, w2 = op_expert_weights(block.experts)
-        if cfg.router_type != "sigmoid":
-            w2 = w2 * cfg.routed_scaling_factor
-        quant = int4_along_in if nbit == 4 else _int8_along_in
+        fold = float(cfg.routed_scaling_factor) if cfg.router_type != "sigmoid" else 1.0
+        self.code_exact = codes is not None
+        if codes is not None:
+            if nbit != 4:
+                raise ExportError(f"the checkpoint's expert codes are INT4; they cannot fill {nbit}-bit blobs")
+            model_weights = [w.detach().float() for w in block.experts.expert_weights()]
+            if not all(torch.equal(got, want) for got, want in zip(codes.decoded(), model_weights)):
+                raise ExportError("the model's routed experts are not the values of the checkpoint's INT4 expert codes "
+                                  "(the program would mix two models): build it from load_model(ckpt) unchanged")
+            w13 = list(zip(codes.w13_codes, codes.w13_scales))
+            w2 = list(zip(codes.w2_codes, codes.w2_scales * fold))  # codes kept; the factor goes into the scales
+        else:
+            quant = int4_along_in if nbit == 4 else _int8_along_in
+            w13_f, w2_f = op_expert_weights(block.experts)
+            w13, w2 = [quant(w) for w in w13_f], [quant(w) for w in w2_f * fold]
         self.register_buffer("gate_weight", block.router.weight.detach().float().clone())
         self.register_buffer("expert_bias", block.expert_bias.detach().float().clone()
                              if cfg.router_type == "sigmoid" else torch.empty(0))
-        self.register_buffer("packed_w13", torch.stack([pack_universal(*quant(w), nbit) for w in w13]))
-        self.register_buffer("packed_w2", torch.stack([pack_universal(*quant(w), nbit) for w in w2]))
+        self.register_buffer("packed_w13", torch.stack([pack_universal(c, sc, nbit) for c, sc in w13]))
+        self.register_buffer("packed_w2", torch.stack([pack_universal(c, sc, nbit) for c, sc in w2]))
         self.shared_expert = block.shared_expert
+
+    def decoded_experts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the blobs hold, decoded (``code * scale``, fp32) into the model's layout: (gate_up
+        [E, H, 2I], down [E, I, H]); with a softmax router ``down`` includes the folded route scale."""
+        H, width = self.hidden, self.width
+        w13 = [dequant_along_in(*unpack_universal(b, 2 * width, H, self.nbit)) for b in self.packed_w13]
+        w2 = [dequant_along_in(*unpack_universal(b, H, width, self.nbit)) for b in self.packed_w2]
+        return torch.stack(w13).transpose(1, 2).contiguous(), torch.stack(w2).transpose(1, 2).contiguous()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         shape = x.shape
@@ -300,19 +392,23 @@ def _gathered(experts: StackedExperts) -> GatheredExperts:
 EXPERT_DISPATCH = ("gather", "dense", "op", "op8")
 
 
-def swap_for_export(model: MobileMoEForCausalLM, experts: str = "gather") -> MobileMoEForCausalLM:
+def swap_for_export(model: MobileMoEForCausalLM, experts: str = "gather",
+                    expert_codes: dict[int, ExpertCodes] | None = None) -> MobileMoEForCausalLM:
     """In place: export-friendly top-k and expert dispatch, untied head. ``experts``: ``"gather"``
     (fp32, the k chosen experts gathered per token), ``"dense"`` (every expert as quantizable
     linears), ``"op"`` / ``"op8"`` (each MoE block as :class:`QuantizedMoE`: the chosen experts only,
-    INT4 / INT8 group-32 weights re-quantized along ``in``)."""
+    INT4 / INT8 group-32 weights along ``in``). ``expert_codes`` (layer -> codes, from
+    :func:`checkpoint_expert_codes`; used by ``"op"`` only): those layers' INT4 blobs are the
+    checkpoint's codes, code-exact; other layers are re-quantized."""
     if experts not in EXPERT_DISPATCH:
         raise ExportError(f"unknown expert dispatch {experts!r}: choose one of {', '.join(EXPERT_DISPATCH)}")
-    for layer in model.model.layers:
+    codes = expert_codes if experts == "op" and expert_codes else {}
+    for i, layer in enumerate(model.model.layers):
         block = layer.feed_forward
         if not isinstance(block, MoEBlock):
             continue
         if experts in ("op", "op8"):
-            layer.feed_forward = QuantizedMoE(block, nbit=4 if experts == "op" else 8)
+            layer.feed_forward = QuantizedMoE(block, nbit=4 if experts == "op" else 8, codes=codes.get(i))
         else:
             block.select = select_topk_static
             block.experts = _gathered(block.experts) if experts == "gather" else DenseExperts(block.experts)
@@ -357,15 +453,19 @@ def _load(ckpt: str | os.PathLike) -> MobileMoEForCausalLM:
     return model
 
 
-def static_module(model: MobileMoEForCausalLM, max_seq_len: int = 256, experts: str = "gather") -> StaticMobileMoE:
+def static_module(model: MobileMoEForCausalLM, max_seq_len: int = 256, experts: str = "gather",
+                  expert_codes: dict[int, ExpertCodes] | None = None) -> StaticMobileMoE:
     """Wrap an fp32 model (swapped in place, see :func:`swap_for_export`) for export."""
     max_seq_len = min(max_seq_len, model.config.max_position_embeddings)
-    return StaticMobileMoE(swap_for_export(model, experts), max_seq_len).eval()
+    return StaticMobileMoE(swap_for_export(model, experts, expert_codes), max_seq_len).eval()
 
 
 def build_static(ckpt: str | os.PathLike, max_seq_len: int = 256, experts: str = "gather") -> StaticMobileMoE:
-    """Load ``ckpt`` in fp32 and wrap it for export (``experts``: see :func:`swap_for_export`)."""
-    return static_module(_load(ckpt), max_seq_len, experts)
+    """Load ``ckpt`` in fp32 and wrap it for export (``experts``: see :func:`swap_for_export`); with
+    ``"op"``, an INT4 checkpoint grouped along ``in`` gives code-exact expert blobs
+    (:func:`checkpoint_expert_codes`)."""
+    codes = checkpoint_expert_codes(ckpt) if experts == "op" else None
+    return static_module(_load(ckpt), max_seq_len, experts, codes)
 
 
 def quantize_8da4w(module: nn.Module, group_size: int = GROUP_SIZE) -> None:
@@ -410,7 +510,8 @@ def export_executorch(ckpt: str | os.PathLike, out: str | os.PathLike, max_seq_l
     if quantize not in (None, "none", "8da4w"):
         raise ExportError(f"unknown ExecuTorch quantization {quantize!r}: choose 8da4w or none")
     model = _load(ckpt)
-    module = static_module(model, max_seq_len, experts or default_experts(model, quantize))
+    experts = experts or default_experts(model, quantize)
+    module = static_module(model, max_seq_len, experts, checkpoint_expert_codes(ckpt) if experts == "op" else None)
     if quantize == "8da4w":
         quantize_8da4w(module)
     return export_module(module, out, min(prefill_chunk, module.cache.max_len))
