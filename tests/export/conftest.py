@@ -1,4 +1,8 @@
-"""Tiny checkpoints for the export tests (built once per session)."""
+"""Tiny checkpoints for the export tests (built once per session); makes gguf_helpers importable
+(pytest runs with --import-mode=importlib)."""
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +15,8 @@ from mobilemoe.quant import quantize_checkpoint
 LLAMA3_SMALL = {"rope_type": "llama3", "factor": 16.0, "original_max_position_embeddings": 64,
                 "low_freq_factor": 1.0, "high_freq_factor": 1.0}
 PROMPT = [1, 5, 9, 100, 3, 77, 200, 13, 42, 8]
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 def build(path, seed=0, **overrides):

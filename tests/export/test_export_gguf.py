@@ -15,21 +15,9 @@ from mobilemoe.export import ExportError
 from mobilemoe.export.gguf import check_gguf, export_gguf, int4_from_q4_0, patch_routers, q4_0_from_int4
 from mobilemoe.quant.int4 import unpack_int4
 
+from gguf_helpers import llama_logits, ref_logits
+
 gguf = pytest.importorskip("gguf")
-
-
-def _llama_logits(path, ids, n_ctx=64):
-    """llama.cpp in a child process: a crash there fails this test with one line, not pytest."""
-    if importlib.util.find_spec("llama_cpp") is None:
-        pytest.skip("llama-cpp-python is not installed")
-    from mobilemoe.export.llamacpp_logits import llama_logits
-
-    return llama_logits(path, ids, n_ctx=n_ctx)
-
-
-def _ref_logits(ckpt, ids):
-    with torch.no_grad():
-        return load_model(ckpt).eval()(torch.tensor([ids])).logits[0].float().numpy()
 
 
 @pytest.mark.parametrize("name", ["float", "plain", "lead_dense", "int4"])
@@ -38,8 +26,8 @@ def test_llamacpp_f32_logits_match(ckpts, prompt, tmp_path, name):
     rope factors, a NoPE layer, a leading dense layer, INT4 decode all covered) to float rounding."""
     r = export_gguf(ckpts[name], tmp_path / "m.gguf", "f32")
     assert r.arch == "exaone-moe"
-    ref = _ref_logits(ckpts[name], prompt)
-    step, batch = _llama_logits(tmp_path / "m.gguf", prompt)
+    ref = ref_logits(ckpts[name], prompt)
+    step, batch = llama_logits(tmp_path / "m.gguf", prompt)
     assert np.abs(step - ref).max() < 2e-4, np.abs(step - ref).max()
     assert np.abs(batch - ref[-1]).max() < 2e-4
     assert (step.argmax(-1) == ref.argmax(-1)).all()
@@ -52,16 +40,16 @@ def test_llamacpp_f32_router_variants(tmp_path, prompt, build_ckpt, overrides):
     """The gating function, top-k normalisation and untied heads are carried by GGUF keys/tensors."""
     ck = build_ckpt(tmp_path / "ck", seed=9, **overrides)
     export_gguf(ck, tmp_path / "m.gguf", "f32")
-    step, _ = _llama_logits(tmp_path / "m.gguf", prompt)
-    assert np.abs(step - _ref_logits(ck, prompt)).max() < 2e-4
+    step, _ = llama_logits(tmp_path / "m.gguf", prompt)
+    assert np.abs(step - ref_logits(ck, prompt)).max() < 2e-4
 
 
 @pytest.mark.parametrize("name", ["float", "int4"])
 def test_llamacpp_f16_logits_close(ckpts, prompt, tmp_path, name):
     """f16 weights: close, except where f16 rounding flips a near-tie top-k choice at one position."""
     export_gguf(ckpts[name], tmp_path / "m.gguf", "f16")
-    ref = _ref_logits(ckpts[name], prompt)
-    step, _ = _llama_logits(tmp_path / "m.gguf", prompt)
+    ref = ref_logits(ckpts[name], prompt)
+    step, _ = llama_logits(tmp_path / "m.gguf", prompt)
     err = np.abs(step - ref).max(-1)
     assert np.median(err) < 3e-3 and err.max() < 0.1, err
     assert (step.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
@@ -96,8 +84,8 @@ def test_q4_0_is_code_exact(ckpts, prompt, tmp_path):
     assert torch.equal(codes, unpack_int4(t["model.embed_tokens.qweight"]))
     assert checked == 6 * cfg.num_hidden_layers and len(r.exact_q4_0) >= checked + 2
     # the routed experts are the only re-quantized tensors: logits stay close
-    ref = _ref_logits(ckpts["int4"], prompt)
-    step, _ = _llama_logits(tmp_path / "q.gguf", prompt)
+    ref = ref_logits(ckpts["int4"], prompt)
+    step, _ = llama_logits(tmp_path / "q.gguf", prompt)
     assert np.abs(step - ref).max() < 0.1 and (step.argmax(-1) == ref.argmax(-1)).mean() >= 0.8
 
 
@@ -158,7 +146,7 @@ def test_patch_routers_changes_only_routers(ckpts, prompt, tmp_path):
     model.load_state_dict(new, strict=False)
     with torch.no_grad():
         ref = model(torch.tensor([prompt])).logits[0].numpy()
-    step, _ = _llama_logits(tmp_path / "out.gguf", prompt)
+    step, _ = llama_logits(tmp_path / "out.gguf", prompt)
     assert np.abs(step - ref).max() < 3e-3
 
 
@@ -224,14 +212,14 @@ def test_default_int4_export_is_small_and_as_faithful_as_native(ckpts, tmp_path)
     assert set(r.requantized) == {n for n in types if "_exps." in n}
 
     ids = torch.randint(0, 512, (120,), generator=torch.Generator().manual_seed(0)).tolist()
-    ref = _ref_logits(ck, ids)
+    ref = ref_logits(ck, ids)
     engine = Engine.load(ck, max_seq_len=128)
     native = np.stack([engine.decode(t).float().numpy() for t in ids])
     kl_native, top1_native = _fidelity(ref, native)
-    kl, top1 = _fidelity(ref, _llama_logits(tmp_path / "d.gguf", ids, 128)[0])
+    kl, top1 = _fidelity(ref, llama_logits(tmp_path / "d.gguf", ids, 128)[0])
     assert kl <= 1.5 * kl_native and top1 >= top1_native - 0.01, (kl, kl_native, top1, top1_native)
     export_gguf(ck, tmp_path / "q.gguf", "q4_0")
-    kl_q4, _ = _fidelity(ref, _llama_logits(tmp_path / "q.gguf", ids, 128)[0])
+    kl_q4, _ = _fidelity(ref, llama_logits(tmp_path / "q.gguf", ids, 128)[0])
     assert kl_q4 > 3 * kl, (kl_q4, kl)
 
 

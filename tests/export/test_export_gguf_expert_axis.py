@@ -2,17 +2,18 @@
 every routed-expert tensor is Q4_0 code for code, and llama.cpp runs the INT4 model closer than the
 q4_0 export of the same weights grouped along `out` can."""
 
-import importlib.util
 
 import numpy as np
 import pytest
 import torch
 
-from mobilemoe.checkpoint import load_model, load_tensors
+from mobilemoe.checkpoint import load_tensors
 from mobilemoe.cli import main
 from mobilemoe.export.gguf import export_gguf, int4_from_q4_0
 from mobilemoe.formats import unpack_int4
 from mobilemoe.quant import dequantize, quantize_checkpoint
+
+from gguf_helpers import llama_logits, ref_logits
 
 gguf = pytest.importorskip("gguf")
 LLAMA3_SMALL = {"rope_type": "llama3", "factor": 16.0, "original_max_position_embeddings": 64,
@@ -31,19 +32,6 @@ def axis_ckpts(tmp_path_factory, build_ckpt):
         quantize_checkpoint(f, root / f"int4_{axis}")
         out[axis] = root / f"int4_{axis}"
     return out
-
-
-def _llama_logits(path, ids, n_ctx=64):
-    if importlib.util.find_spec("llama_cpp") is None:
-        pytest.skip("llama-cpp-python is not installed")
-    from mobilemoe.export.llamacpp_logits import llama_logits
-
-    return llama_logits(path, ids, n_ctx=n_ctx)
-
-
-def _ref_logits(ckpt, ids):
-    with torch.no_grad():
-        return load_model(ckpt).eval()(torch.tensor([ids])).logits[0].float().numpy()
 
 
 @pytest.mark.parametrize("type", ["q4_0", "int4"])
@@ -97,8 +85,8 @@ def test_in_axis_int4_and_q4_0_are_the_same_file_at_checkpoint_size(axis_ckpts, 
 def test_in_axis_f32_export_matches_the_int4_forward(axis_ckpts, prompt, tmp_path):
     """The float path decodes `in`-grouped experts in their logical layout too (llama.cpp = mobilemoe)."""
     export_gguf(axis_ckpts["in"], tmp_path / "f.gguf", "f32")
-    step, _ = _llama_logits(tmp_path / "f.gguf", prompt)
-    assert np.abs(step - _ref_logits(axis_ckpts["in"], prompt)).max() < 2e-4
+    step, _ = llama_logits(tmp_path / "f.gguf", prompt)
+    assert np.abs(step - ref_logits(axis_ckpts["in"], prompt)).max() < 2e-4
 
 
 def test_llamacpp_q4_0_of_in_axis_checkpoint_tracks_the_int4_forward(axis_ckpts, tmp_path):
@@ -116,8 +104,8 @@ def test_llamacpp_q4_0_of_in_axis_checkpoint_tracks_the_int4_forward(axis_ckpts,
     stats = {}
     for axis, ck in axis_ckpts.items():
         export_gguf(ck, tmp_path / f"{axis}.gguf", "q4_0")
-        ref = _ref_logits(ck, ids)
-        step, batch = _llama_logits(tmp_path / f"{axis}.gguf", ids)
+        ref = ref_logits(ck, ids)
+        step, batch = llama_logits(tmp_path / f"{axis}.gguf", ids)
         lp = torch.log_softmax(torch.from_numpy(ref).double(), -1)
         lq = torch.log_softmax(torch.from_numpy(step).double(), -1)
         stats[axis] = dict(median=float(np.median(np.abs(step - ref).max(-1))),
