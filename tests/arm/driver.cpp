@@ -9,6 +9,9 @@
 //                                      FMA vs the portable multiply-add changes only roundings)
 //   silu_mul                           <= 4 ulp of portable for |g| <= 80; beyond, <= 1e-30 * |u|
 //                                      (both underflow; the kernels clamp exp like the x86 ones)
+//   attention, router (+ sigmoid)      within rounding-error bounds of a double reference and of
+//                                      portable (derived at test_attention_and_router); a (G, D)
+//                                      without a NEON instance gets mm_attend_portable, bit-exact
 // and nothing is written outside [16 t0, min(16 t1, n_valid)) of each output row.
 // Usage: driver [--expect neon|dotprod|i8mm]  (the variant the runtime detection must pick as best).
 // Prints a pytest-like closing line "N passed, M failed"; exit status 1 on any failure.
@@ -114,37 +117,167 @@ void test_prep_and_quant_scaled(const mm_kernels* v) {
   }
 }
 
-// Decode attention and router: the tables' entries (the portable kernels on aarch64 for now) give
-// the portable results bit for bit on odd shapes (S = 1, tails of the 16-lane loops, E not a
-// multiple of 4).
+// Decode attention and router (baseline NEON in every variant) against a double-precision reference
+// and the portable kernels; u = 2^-24 (fp32 unit roundoff).
+// Attention, out[r][d] = sum_j p_j v_jd: with A_j = sum_d |q_d k_jd|, every score either kernel
+// computes is within delta_j = (D + 4) u scale A_j + 2 u |s_j| + u |s_j - max| of the exact one (fp32
+// sums of D products in any order, the scale, the subtraction of the max), so each softmax weight is
+// within a relative 2 Delta (Delta = max_j delta_j, to first order) of the exact weight; the exps
+// (<= 4 ulp), the sum of S weights, the reciprocal and the fp32 sum of S weighted values add
+// (2 S + 16) u. Hence, with M_d = sum_j p_j |v_jd|:
+//   |out - ref| <= tol = 1.1 M_d (2 Delta + (2 S + 16) u) + 1e-36 S max|v|
+// (the absolute term: the NEON exp clamps at -87.3, so a score more than 87 below the maximum weighs
+// ~1e-38 instead of ~0), for NEON and portable alike, and |neon - portable| <= 2 tol.
+// Router logits: NEON sums 4 lanes of H/4 FMAs, then the lanes pairwise, then the H % 4 tail, so
+//   |logit - ref| <= tol_n = 1.01 (H/4 + 8) u sum_i |h_i W_ei|,  portable (serial): tol_p = (H + 2) u ...
+// and sigmoid(logit) is within s_ref (tol_n + 8 u) * 1.01 + 1e-37 of sigmoid(ref) (|s'| <= s, exp
+// <= 4 ulp, add and divide; the absolute term covers the exp clamp below a logit of -87.3).
+// Shapes: S = 1 and S % 4 != 0, G in {1, 3, 6, 8}, all four instantiated D, E % 4 != 0, H % 4 == 0 and
+// H % 16 != 0 (plus one H % 4 != 0), e-ranges not starting at 0, logits far into the sigmoid's
+// saturation; nothing is written outside out[G*D], scores[G*S] or out[e0, e1). A (G, D) without an
+// instance must get mm_attend_portable itself (bit-identical results).
+double g_worst_attn = 0., g_worst_attn_u = 0., g_worst_router = 0., g_worst_sig = 0.;
+
+uint16_t rand_half() {  // random sign, exponent 0 (zero / subnormal) .. 16 (up to ~4), random mantissa
+  return (uint16_t)((irand(0, 1) << 15) | half_bits(irand(0, 16), irand(0, 1023)));
+}
+
+void test_attention_case(const mm_kernels* v, int64_t G, int64_t D, int64_t S, float amp) {
+  const mm_kernels* p = &mm_kernels_portable;
+  const double u = std::ldexp(1., -24);
+  const float sentinel = -777.f;
+  std::vector<float> q(G * D), sc0(G * S + 4, sentinel), sc1(G * S + 4, sentinel), o0(G * D + 4, sentinel),
+      o1(G * D + 4, sentinel);
+  std::vector<uint16_t> k(S * D), val(S * D);
+  for (auto& x : q) x = uniform(-2.f, 2.f) * amp;
+  for (int64_t i = 0; i < S * D; ++i) k[i] = rand_half(), val[i] = rand_half();
+  char what[200];
+  std::snprintf(what, sizeof what, "%s attention G=%lld D=%lld S=%lld amp=%g", v->name, (long long)G, (long long)D,
+                (long long)S, amp);
+  const mm_attend_fn fv = v->attend_for(G, D);
+  check(fv != nullptr && fv != mm_attend_portable, std::string(what) + ": no NEON instance");
+  if (!fv) return;
+  p->attend_for(G, D)(q.data(), k.data(), val.data(), S, D, G, sc0.data(), o0.data());
+  fv(q.data(), k.data(), val.data(), S, D, G, sc1.data(), o1.data());
+  bool ok = bits(sc1[G * S]) == bits(sentinel) && bits(o1[G * D]) == bits(sentinel);
+  double worst = 0., worst_u = 0., vmax = 0.;
+  for (int64_t i = 0; i < S * D; ++i) vmax = std::max(vmax, (double)std::fabs(mm_half_to_float(val[i])));
+  const double scale = 1. / std::sqrt((double)D);
+  for (int64_t r = 0; r < G; ++r) {
+    std::vector<double> s(S), a(S), w(S);
+    double mx = -INFINITY;
+    for (int64_t j = 0; j < S; ++j) {
+      double acc = 0., mag = 0.;
+      for (int64_t d = 0; d < D; ++d) {
+        const double t = (double)q[r * D + d] * mm_half_to_float(k[j * D + d]);
+        acc += t, mag += std::fabs(t);
+      }
+      s[j] = acc * scale, a[j] = mag * scale, mx = std::max(mx, s[j]);
+    }
+    double total = 0., delta = 0.;
+    for (int64_t j = 0; j < S; ++j) {
+      total += (w[j] = std::exp(s[j] - mx));
+      delta = std::max(delta, (D + 4) * u * a[j] + 2 * u * std::fabs(s[j]) + u * (std::fabs(s[j] - mx) + 1.));
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      double ref = 0., m = 0.;
+      for (int64_t j = 0; j < S; ++j) {
+        const double vv = mm_half_to_float(val[j * D + d]);
+        ref += w[j] / total * vv, m += w[j] / total * std::fabs(vv);
+      }
+      const double tol = 1.1 * m * (2 * delta + (2 * S + 16) * u) + 1e-36 * S * vmax;
+      const double got = o1[r * D + d], port = o0[r * D + d];
+      const double err = std::fabs(got - ref);
+      ok = ok && std::isfinite(got) && err <= tol && std::fabs(port - ref) <= tol && std::fabs(got - port) <= 2 * tol;
+      worst = std::max(worst, err / tol);
+      if (m > 0.) worst_u = std::max(worst_u, std::fabs(got - port) / (m * u));
+    }
+  }
+  g_worst_attn = std::max(g_worst_attn, worst);
+  g_worst_attn_u = std::max(g_worst_attn_u, worst_u);
+  std::snprintf(what + std::strlen(what), sizeof what - std::strlen(what), " err/tol=%.3g", worst);
+  check(ok, what);
+}
+
 void test_attention_and_router(const mm_kernels* v) {
   const mm_kernels* p = &mm_kernels_portable;
-  for (int64_t G : {1, 3, 6})
-    for (int64_t D : {16, 48, 64})
-      for (int64_t S : {1, 7, 33}) {
-        std::vector<float> q(G * D), sc0(G * S), sc1(G * S), o0(G * D), o1(G * D);
-        std::vector<uint16_t> k(S * D), val(S * D);
-        for (auto& x : q) x = uniform(-2.f, 2.f);
-        for (int64_t i = 0; i < S * D; ++i) k[i] = 0x3C00 ^ (uint16_t)(i * 37 % 1024), val[i] = 0xBC00 ^ (uint16_t)(i * 53 % 1024);
-        mm_attend_fn fv = v->attend_for(G, D);
-        check(fv != nullptr, std::string(v->name) + " attend_for returned NULL");
-        if (!fv) continue;
-        p->attend_for(G, D)(q.data(), k.data(), val.data(), S, D, G, sc0.data(), o0.data());
-        fv(q.data(), k.data(), val.data(), S, D, G, sc1.data(), o1.data());
-        check(o0 == o1, std::string(v->name) + " attention G=" + std::to_string(G) + " D=" + std::to_string(D) +
-                            " S=" + std::to_string(S));
-      }
-  for (int64_t E : {1, 5, 60})
-    for (int64_t H : {16, 40}) {
-      std::vector<float> h(H), W(E * H), r0(E), r1(E);
-      for (auto& x : h) x = uniform(-1.f, 1.f);
-      for (auto& x : W) x = uniform(-1.f, 1.f);
-      for (int sig = 0; sig < 2; ++sig) {
-        p->router_rows(h.data(), W.data(), H, 0, E, sig, r0.data());
-        v->router_rows(h.data(), W.data(), H, 0, E, sig, r1.data());
-        check(r0 == r1, std::string(v->name) + " router E=" + std::to_string(E) + " H=" + std::to_string(H));
-      }
+  for (int64_t G : {1, 3, 6, 8})
+    for (int64_t D : {16, 32, 48, 64})
+      for (int64_t S : {1, 3, 7, 33, 130})
+        for (float amp : {1.f, 12.f}) test_attention_case(v, G, D, S, amp);
+  bool inst = true;  // every (G, D) the kernel table promises has a NEON instance
+  for (int64_t G = 1; G <= 8; ++G)
+    for (int64_t D : {16, 32, 48, 64}) inst = inst && v->attend_for(G, D) != mm_attend_portable;
+  check(inst, std::string(v->name) + " attend_for has an instance for every G in 1..8, D in {16, 32, 48, 64}");
+  // no instance: the portable function itself, bit-identical outputs and scores
+  const int64_t none[][2] = {{3, 40}, {9, 64}, {2, 128}, {4, 8}, {1, 24}};
+  for (const auto& gd : none) {
+    const int64_t G = gd[0], D = gd[1], S = 9;
+    std::vector<float> q(G * D), sc0(G * S), sc1(G * S), o0(G * D), o1(G * D);
+    std::vector<uint16_t> k(S * D), val(S * D);
+    for (auto& x : q) x = uniform(-2.f, 2.f);
+    for (int64_t i = 0; i < S * D; ++i) k[i] = rand_half(), val[i] = rand_half();
+    const mm_attend_fn fv = v->attend_for(G, D);
+    const bool same = fv == mm_attend_portable;
+    if (same) {
+      p->attend_for(G, D)(q.data(), k.data(), val.data(), S, D, G, sc0.data(), o0.data());
+      fv(q.data(), k.data(), val.data(), S, D, G, sc1.data(), o1.data());
     }
+    check(same && std::memcmp(o0.data(), o1.data(), 4 * G * D) == 0 && std::memcmp(sc0.data(), sc1.data(), 4 * G * S) == 0,
+          std::string(v->name) + " attention without instance G=" + std::to_string(G) + " D=" + std::to_string(D) +
+              " is the portable kernel");
+  }
+  check(v->router_rows != mm_router_rows_portable, std::string(v->name) + " router_rows is the NEON kernel");
+  const double u = std::ldexp(1., -24);
+  const float sentinel = -555.f;
+  for (int64_t E : {1, 3, 5, 7, 61})
+    for (int64_t H : {4, 20, 37, 40, 52, 64})
+      for (float amp : {1.f, 40.f})
+        for (int sub = 0; sub < 2; ++sub) {
+          const int64_t e0 = sub && E > 2 ? 1 : 0, e1 = sub && E > 2 ? E - 1 : E;
+          if (sub && E <= 2) continue;
+          std::vector<float> h(H), W(E * H);
+          for (auto& x : h) x = uniform(-1.f, 1.f) * amp;
+          for (auto& x : W) x = uniform(-1.f, 1.f);
+          for (int sig = 0; sig < 2; ++sig) {
+            std::vector<float> r0(E + 1, sentinel), r1(E + 1, sentinel);
+            p->router_rows(h.data(), W.data(), H, e0, e1, sig, r0.data());
+            v->router_rows(h.data(), W.data(), H, e0, e1, sig, r1.data());
+            bool ok = true;
+            double worst = 0.;
+            for (int64_t e = 0; e <= E; ++e) {
+              if (e < e0 || e >= e1) {
+                ok = ok && bits(r1[e]) == bits(sentinel);
+                continue;
+              }
+              double ref = 0., mag = 0.;
+              for (int64_t i = 0; i < H; ++i) {
+                const double t = (double)h[i] * W[e * H + i];
+                ref += t, mag += std::fabs(t);
+              }
+              const double tol_n = 1.01 * (H / 4 + 8) * u * mag + 1e-38, tol_p = (H + 2) * u * mag + 1e-38;
+              const double got = r1[e], port = r0[e];
+              double err, tol, tol_port;
+              if (!sig) {
+                err = std::fabs(got - ref), tol = tol_n, tol_port = tol_p;
+              } else {
+                const double sref = 1. / (1. + std::exp(-ref));
+                err = std::fabs(got - sref);
+                tol = 1.01 * sref * (tol_n + 8 * u) + 1e-37;
+                tol_port = 1.01 * sref * (tol_p + 8 * u) + 1e-37;
+              }
+              const double ref_used = sig ? 1. / (1. + std::exp(-ref)) : ref;
+              ok = ok && std::isfinite(got) && err <= tol && std::fabs(port - ref_used) <= tol_port &&
+                   std::fabs(got - port) <= tol + tol_port;
+              worst = std::max(worst, err / tol);
+            }
+            (sig ? g_worst_sig : g_worst_router) = std::max(sig ? g_worst_sig : g_worst_router, worst);
+            char what[160];
+            std::snprintf(what, sizeof what, "%s router E=%lld H=%lld e=[%lld,%lld) amp=%g sigmoid=%d err/tol=%.3g",
+                          v->name, (long long)E, (long long)H, (long long)e0, (long long)e1, amp, sig, worst);
+            check(ok, what);
+          }
+        }
 }
 
 void test_silu_mul(const mm_kernels* v) {
@@ -316,7 +449,8 @@ int main(int argc, char** argv) {
   std::printf("cpu features: dotprod=%d i8mm=%d -> best %s\n", dp, mm, best);
   if (!expect.empty()) check(expect == best, "runtime detection picked " + std::string(best) + ", expected " + expect);
   check(std::string(mm_kernels_neon.name) == "neon" && std::string(mm_kernels_dotprod.name) == "dotprod" &&
-            std::string(mm_kernels_i8mm.name) == "i8mm",
+            std::string(mm_kernels_i8mm.name) == "i8mm" && std::string(mm_kernels_neon.vector_isa) == "neon" &&
+            std::string(mm_kernels_dotprod.vector_isa) == "neon" && std::string(mm_kernels_i8mm.vector_isa) == "neon",
         "table names");
   const struct {
     const mm_kernels* k;
@@ -329,6 +463,7 @@ int main(int argc, char** argv) {
     }
     const int before = g_fail;
     g_worst_ulp = 0, g_worst_gemm = 0.;
+    g_worst_attn = g_worst_attn_u = g_worst_router = g_worst_sig = 0.;
     test_quant_row(var.k);
     test_prep_and_quant_scaled(var.k);
     test_silu_mul(var.k);
@@ -336,6 +471,9 @@ int main(int argc, char** argv) {
     test_gemm(var.k);
     std::printf("variant %s: %s (silu_mul worst %lld ulp, gemm worst error %.3f of tolerance)\n", var.k->name,
                 g_fail == before ? "ok" : "FAILED", (long long)g_worst_ulp, g_worst_gemm);
+    std::printf("variant %s: attention worst error %.3g of tolerance (|neon - portable| <= %.3g u M_d), router "
+                "logits %.3g, sigmoid %.3g of tolerance\n",
+                var.k->name, g_worst_attn, g_worst_attn_u, g_worst_router, g_worst_sig);
   }
   std::printf("%d passed, %d failed\n", g_pass, g_fail);
   return g_fail ? 1 : 0;

@@ -43,7 +43,8 @@ typedef void (*mm_attend_fn)(const float* q, const uint16_t* K, const uint16_t* 
 
 typedef struct mm_kernels {
   const char* name;
-  // The ISA of the non-GEMM vector kernels below (amx uses avx512's; avx2 and neon the portable ones).
+  // The ISA of the non-GEMM vector kernels below (amx uses avx512's, the three aarch64 tables neon's,
+  // avx2 the portable ones).
   const char* vector_isa;
   // One activation row: x[K] -> q, d, s.
   void (*quant_row)(const float* x, int64_t K, int8_t* q, float* d, int32_t* s);

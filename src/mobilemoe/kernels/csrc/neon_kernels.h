@@ -13,6 +13,8 @@
 // produce the same int32 dot per (token, row, block) as the portable kernel, bit for bit.
 // The float part then follows the portable order: acc += float(isum) * (scale[r] * d[b]), block by
 // block (fused multiply-add here, so the fp32 outputs agree to rounding, not bit for bit).
+// Decode attention and the router logits are baseline Advanced SIMD in all three variants (their
+// own orders of summation and a vectorized exp: they agree with portable to rounding, see below).
 #pragma once
 #if !defined(__aarch64__)
 #error "neon_kernels.h is for aarch64 only (setup.py builds the NEON units only there)"
@@ -123,6 +125,176 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
     for (int64_t j = i; j < n; ++j) gt[j - i] = g[j], ut[j - i] = u[j];
     vst1q_f32(ot, silu_mul4(vld1q_f32(gt), vld1q_f32(ut)));
     for (int64_t j = i; j < n; ++j) out[j] = ot[j - i];
+  }
+}
+
+// ---------------------------------------------------------------- decode attention
+// One KV group (its G query heads) per call, as the AVX-512 kernel: G and NV = D / 16 are template
+// parameters (G in 1..8, D in {16, 32, 48, 64}; anything else runs mm_attend_portable), so the loops
+// over the D / 4 vectors of a row unroll and the q and output vectors are fixed-size arrays (GCC keeps
+// what fits of them in the 32 vector registers and the rest in L1-resident stack slots). Differences
+// from the portable kernel, all rounding-level: FMA dot products over 4 lanes then a pairwise lane sum,
+// the Cephes exp above (<= ~3 ulp, clamped at -87.3, so a score more than 87 below the maximum gets
+// weight ~1e-38 instead of 0), and 1/sum applied once to each output instead of to every weight.
+
+// Row j of an fp16 [S, D] matrix as D / 4 fp32 vectors (FCVTL is exact for every half).
+template <int NC>
+inline void load_half_row(const uint16_t* p, float32x4_t* v) {
+  for (int c = 0; c < NC; c += 2) {
+    const float16x8_t h = vreinterpretq_f16_u16(vld1q_u16(p + 4 * c));
+    v[c] = vcvt_f32_f16(vget_low_f16(h));
+    v[c + 1] = vcvt_high_f32_f16(h);
+  }
+}
+
+template <int G, int NV>
+void attend_group_t(const float* q, const uint16_t* K, const uint16_t* Vc, int64_t S, int64_t /*D*/,
+                    int64_t /*G*/, float* scores, float* out) {
+  constexpr int D = NV * 16, NC = D / 4;
+  const float scale = 1.0f / __builtin_sqrtf((float)D);
+  float32x4_t qv[G][NC];
+  for (int r = 0; r < G; ++r)
+    for (int c = 0; c < NC; ++c) qv[r][c] = vld1q_f32(q + r * D + 4 * c);
+  // The cache streams from DRAM at decode: prefetch the key rows 32 ahead (and the value rows 32 ahead
+  // in the second pass).
+  constexpr int64_t kAhead = 32;
+  for (int64_t j = 0; j < S; ++j) {
+    if (j + kAhead < S)
+      for (int b = 0; b < D * 2; b += 64) __builtin_prefetch((const char*)(K + (j + kAhead) * D) + b, 0, 3);
+    float32x4_t k[NC];
+    load_half_row<NC>(K + j * D, k);
+    for (int r = 0; r < G; ++r) {  // two chains per head (NC is even)
+      float32x4_t a0 = vmulq_f32(qv[r][0], k[0]), a1 = vmulq_f32(qv[r][1], k[1]);
+      for (int c = 2; c < NC; c += 2) {
+        a0 = vfmaq_f32(a0, qv[r][c], k[c]);
+        a1 = vfmaq_f32(a1, qv[r][c + 1], k[c + 1]);
+      }
+      scores[r * S + j] = vaddvq_f32(vaddq_f32(a0, a1)) * scale;
+    }
+  }
+  // Softmax numerators exp(s - max) with the vectorized exp; the tail (S % 4 scores) goes through a
+  // padded vector so that it gets the same math, and only its valid lanes are stored and summed.
+  float inv[G];
+  for (int r = 0; r < G; ++r) {
+    float* sr = scores + r * S;
+    float32x4_t vmax = vdupq_n_f32(-__builtin_inff());
+    int64_t j = 0;
+    for (; j + 4 <= S; j += 4) vmax = vmaxq_f32(vmax, vld1q_f32(sr + j));
+    float mx = vmaxvq_f32(vmax);
+    for (int64_t t = j; t < S; ++t) mx = sr[t] > mx ? sr[t] : mx;
+    const float32x4_t mxv = vdupq_n_f32(mx);
+    float32x4_t vsum = vdupq_n_f32(0.f);
+    for (j = 0; j + 4 <= S; j += 4) {
+      const float32x4_t e = exp_f32x4(vsubq_f32(vld1q_f32(sr + j), mxv));
+      vst1q_f32(sr + j, e);
+      vsum = vaddq_f32(vsum, e);
+    }
+    float total = vaddvq_f32(vsum);
+    if (j < S) {
+      float t[4] = {mx, mx, mx, mx};
+      for (int64_t i = j; i < S; ++i) t[i - j] = sr[i];
+      vst1q_f32(t, exp_f32x4(vsubq_f32(vld1q_f32(t), mxv)));
+      for (int64_t i = j; i < S; ++i) total += (sr[i] = t[i - j]);
+    }
+    inv[r] = 1.0f / total;
+  }
+  float32x4_t o[G][NC];
+  for (int r = 0; r < G; ++r)
+    for (int c = 0; c < NC; ++c) o[r][c] = vdupq_n_f32(0.f);
+  for (int64_t j = 0; j < S; ++j) {
+    if (j + kAhead < S)
+      for (int b = 0; b < D * 2; b += 64) __builtin_prefetch((const char*)(Vc + (j + kAhead) * D) + b, 0, 3);
+    float32x4_t v[NC];
+    load_half_row<NC>(Vc + j * D, v);
+    for (int r = 0; r < G; ++r) {
+      const float p = scores[r * S + j];
+      for (int c = 0; c < NC; ++c) o[r][c] = vfmaq_n_f32(o[r][c], v[c], p);
+    }
+  }
+  for (int r = 0; r < G; ++r)
+    for (int c = 0; c < NC; ++c) vst1q_f32(out + r * D + 4 * c, vmulq_n_f32(o[r][c], inv[r]));
+}
+
+template <int G>
+mm_attend_fn attend_for_nv(int64_t nv) {
+  switch (nv) {
+    case 1: return attend_group_t<G, 1>;
+    case 2: return attend_group_t<G, 2>;
+    case 3: return attend_group_t<G, 3>;
+    case 4: return attend_group_t<G, 4>;
+    default: return nullptr;
+  }
+}
+
+// The instance for (G, D), or nullptr: G in 1..8, D in {16, 32, 48, 64}.
+mm_attend_fn attend_instance(int64_t G, int64_t D) {
+  if (D % 16 != 0) return nullptr;
+  const int64_t nv = D / 16;
+  switch (G) {
+    case 1: return attend_for_nv<1>(nv);
+    case 2: return attend_for_nv<2>(nv);
+    case 3: return attend_for_nv<3>(nv);
+    case 4: return attend_for_nv<4>(nv);
+    case 5: return attend_for_nv<5>(nv);
+    case 6: return attend_for_nv<6>(nv);
+    case 7: return attend_for_nv<7>(nv);
+    case 8: return attend_for_nv<8>(nv);
+    default: return nullptr;
+  }
+}
+
+mm_attend_fn attend_for(int64_t G, int64_t D) {
+  const mm_attend_fn f = attend_instance(G, D);
+  return f ? f : mm_attend_portable;
+}
+
+// ---------------------------------------------------------------- router
+
+// out[r] = h . w[r * H ..] for R <= 4 consecutive rows at w: one FMA chain (4 lanes) per row, all
+// sharing each load of h, then a pairwise lane sum and the H % 4 tail in order. The rows of the next
+// group (4 H floats on) are prefetched a cache line per 16 floats: the ~150 MB of weights each token
+// streams evict the router between tokens.
+template <int R>
+inline void router_block(const float* h, const float* w, int64_t H, float* out) {
+  const int64_t H4 = H & ~(int64_t)3;
+  float32x4_t acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = vdupq_n_f32(0.f);
+  for (int64_t i0 = 0; i0 < H4; i0 += 16) {
+    for (int r = 0; r < R; ++r) __builtin_prefetch(w + (r + 4) * H + i0, 0, 3);
+    const int64_t i1 = H4 - i0 < 16 ? H4 : i0 + 16;
+    for (int64_t i = i0; i < i1; i += 4) {
+      const float32x4_t hv = vld1q_f32(h + i);
+      for (int r = 0; r < R; ++r) acc[r] = vfmaq_f32(acc[r], vld1q_f32(w + r * H + i), hv);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float s = vaddvq_f32(acc[r]);
+    for (int64_t i = H4; i < H; ++i) s += h[i] * w[r * H + i];
+    out[r] = s;
+  }
+}
+
+inline float32x4_t sigmoid4(float32x4_t x) {
+  const float32x4_t one = vdupq_n_f32(1.f);
+  return vdivq_f32(one, vaddq_f32(one, exp_f32x4(vnegq_f32(x))));
+}
+
+void router_rows(const float* h, const float* W, int64_t H, int64_t e0, int64_t e1, int sigmoid, float* out) {
+  int64_t e = e0;
+  for (; e + 4 <= e1; e += 4) router_block<4>(h, W + e * H, H, out + e);
+  switch (e1 - e) {
+    case 1: router_block<1>(h, W + e * H, H, out + e); break;
+    case 2: router_block<2>(h, W + e * H, H, out + e); break;
+    case 3: router_block<3>(h, W + e * H, H, out + e); break;
+    default: break;
+  }
+  if (!sigmoid) return;
+  for (e = e0; e + 4 <= e1; e += 4) vst1q_f32(out + e, sigmoid4(vld1q_f32(out + e)));
+  if (e < e1) {  // tail through a zero-padded vector (same math as the body)
+    float t[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int64_t i = e; i < e1; ++i) t[i - e] = out[i];
+    vst1q_f32(t, sigmoid4(vld1q_f32(t)));
+    for (int64_t i = e; i < e1; ++i) out[i] = t[i - e];
   }
 }
 
@@ -276,5 +448,7 @@ MM_DEFINE_GEMM_4
 #define MM_NEON_NAME "i8mm"
 #endif
 
-extern const mm_kernels MM_NEON_TABLE = {MM_NEON_NAME, "portable", quant_row, gemm, silu_mul, prep_row,
-                                        quant_scaled, mm_attend_for_portable, mm_router_rows_portable};
+// vector_isa "neon" in all three: the non-GEMM kernels (activations, SwiGLU, attention, router) are
+// baseline Armv8.0 Advanced SIMD, the same code in every variant.
+extern const mm_kernels MM_NEON_TABLE = {MM_NEON_NAME, "neon", quant_row, gemm, silu_mul, prep_row,
+                                        quant_scaled, attend_for, router_rows};
