@@ -131,6 +131,39 @@ static inline void mm_prefetch_lookahead(const uint8_t* start) {
   }                                                                                                    \
   MM_DEFINE_GEMM(4)
 
+// The attend_for entry of a unit whose decode attention is attend_group_t<G, NV> (NV = D / 16):
+// instances for G in 1..8 and D in {16, 32, 48, 64}, mm_attend_portable for any other shape. A macro
+// so that it expands inside the unit's anonymous namespace (see the note at the top).
+#define MM_DEFINE_ATTEND_FOR                                                                           \
+  template <int G>                                                                                     \
+  mm_attend_fn attend_for_nv(int64_t nv) {                                                             \
+    switch (nv) {                                                                                      \
+      case 1: return attend_group_t<G, 1>;                                                             \
+      case 2: return attend_group_t<G, 2>;                                                             \
+      case 3: return attend_group_t<G, 3>;                                                             \
+      case 4: return attend_group_t<G, 4>;                                                             \
+      default: return nullptr;                                                                         \
+    }                                                                                                  \
+  }                                                                                                    \
+  mm_attend_fn attend_instance(int64_t G, int64_t D) {                                                 \
+    if (D % 16 != 0) return nullptr;                                                                   \
+    switch (G) {                                                                                       \
+      case 1: return attend_for_nv<1>(D / 16);                                                         \
+      case 2: return attend_for_nv<2>(D / 16);                                                         \
+      case 3: return attend_for_nv<3>(D / 16);                                                         \
+      case 4: return attend_for_nv<4>(D / 16);                                                         \
+      case 5: return attend_for_nv<5>(D / 16);                                                         \
+      case 6: return attend_for_nv<6>(D / 16);                                                         \
+      case 7: return attend_for_nv<7>(D / 16);                                                         \
+      case 8: return attend_for_nv<8>(D / 16);                                                         \
+      default: return nullptr;                                                                         \
+    }                                                                                                  \
+  }                                                                                                    \
+  mm_attend_fn attend_for(int64_t G, int64_t D) {                                                      \
+    const mm_attend_fn f = attend_instance(G, D);                                                      \
+    return f ? f : mm_attend_portable;                                                                 \
+  }
+
 extern const mm_kernels mm_kernels_portable;
 #if defined(__x86_64__) || defined(_M_X64)
 extern const mm_kernels mm_kernels_avx2;    // built only on x86-64 (see setup.py)

@@ -215,38 +215,7 @@ void attend_group_t(const float* q, const uint16_t* K, const uint16_t* Vc, int64
     for (int c = 0; c < NC; ++c) vst1q_f32(out + r * D + 4 * c, vmulq_n_f32(o[r][c], inv[r]));
 }
 
-template <int G>
-mm_attend_fn attend_for_nv(int64_t nv) {
-  switch (nv) {
-    case 1: return attend_group_t<G, 1>;
-    case 2: return attend_group_t<G, 2>;
-    case 3: return attend_group_t<G, 3>;
-    case 4: return attend_group_t<G, 4>;
-    default: return nullptr;
-  }
-}
-
-// The instance for (G, D), or nullptr: G in 1..8, D in {16, 32, 48, 64}.
-mm_attend_fn attend_instance(int64_t G, int64_t D) {
-  if (D % 16 != 0) return nullptr;
-  const int64_t nv = D / 16;
-  switch (G) {
-    case 1: return attend_for_nv<1>(nv);
-    case 2: return attend_for_nv<2>(nv);
-    case 3: return attend_for_nv<3>(nv);
-    case 4: return attend_for_nv<4>(nv);
-    case 5: return attend_for_nv<5>(nv);
-    case 6: return attend_for_nv<6>(nv);
-    case 7: return attend_for_nv<7>(nv);
-    case 8: return attend_for_nv<8>(nv);
-    default: return nullptr;
-  }
-}
-
-mm_attend_fn attend_for(int64_t G, int64_t D) {
-  const mm_attend_fn f = attend_instance(G, D);
-  return f ? f : mm_attend_portable;
-}
+MM_DEFINE_ATTEND_FOR
 
 // ---------------------------------------------------------------- router
 
