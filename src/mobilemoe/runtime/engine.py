@@ -215,22 +215,13 @@ def _load_tokenizer(path: Path):
 _NOTED_REFERENCE: set[str] = set()  # checkpoints already told (once per process) they run on the reference
 
 
-def _native_layout_problem(path: Path, cfg: MobileMoEConfig) -> str | None:
-    """Why the native runtime cannot read this INT4 checkpoint's layout (None if it can)."""
-    from mobilemoe.formats import DEFAULT_EXPERT_GROUP_AXIS
-
-    if cfg.is_quantized and cfg.expert_quant_group_axis != DEFAULT_EXPERT_GROUP_AXIS:
-        return (f"{path / 'config.json'}: field 'quantization.expert_group_axis' is "
-                f"{cfg.expert_quant_group_axis!r}; the native runtime reads only routed experts grouped along "
-                f"{DEFAULT_EXPERT_GROUP_AXIS!r}")
-    return None
-
-
 def _make_backend(path: Path, cfg: MobileMoEConfig, max_seq_len: int, backend: str,
                   offload: "ExpertOffload | None" = None) -> Backend:
     if backend not in ("auto", "native", "reference"):
         raise MobileMoEError(f"unknown backend {backend!r}: choose auto, native or reference")
-    layout = _native_layout_problem(path, cfg)
+    from mobilemoe.runtime.native import layout_problem
+
+    layout = layout_problem(path, cfg)
     if layout is not None and (offload is not None or backend == "native"):
         what = "expert offloading runs in the native runtime" if offload is not None else "--backend native"
         raise MobileMoEError(f"{layout} ({what}): use --backend reference without offloading, export it "

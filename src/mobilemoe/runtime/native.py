@@ -105,6 +105,18 @@ def _in_weight_buffer(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def layout_problem(path: str | os.PathLike, cfg: MobileMoEConfig) -> str | None:
+    """Why the native kernels cannot read this INT4 checkpoint's layout (None if they can): they pack
+    routed experts grouped along ``out`` only (``expert_quant_group_axis``)."""
+    from mobilemoe.formats import DEFAULT_EXPERT_GROUP_AXIS
+
+    if cfg.is_quantized and cfg.expert_quant_group_axis != DEFAULT_EXPERT_GROUP_AXIS:
+        return (f"{os.path.join(path, 'config.json')}: field 'quantization.expert_group_axis' is "
+                f"{cfg.expert_quant_group_axis!r}; the native runtime reads only routed experts grouped along "
+                f"{DEFAULT_EXPERT_GROUP_AXIS!r}")
+    return None
+
+
 def _fields(spec, **values):
     """Set named fields of a native ModelSpec / LayerSpec (a misspelt name is an AttributeError)."""
     for name, value in values.items():
@@ -152,6 +164,8 @@ class NativeBackend:
             raise MobileMoEError(f"{path}: the native runtime needs an INT4 checkpoint; run `mobilemoe quantize`")
         if cfg.attention_bias:
             raise MobileMoEError(f"{path}: attention biases are not supported by the native runtime")
+        if (layout := layout_problem(path, cfg)) is not None:
+            raise MobileMoEError(layout)
         self.config: MobileMoEConfig = cfg.replace(quantization=None)
         self.max_seq_len = max_seq_len
         self.capacity: int | None = None  # experts cached per MoE layer when offloading

@@ -41,8 +41,7 @@ import torch
 
 from mobilemoe.config import MobileMoEConfig
 from mobilemoe.errors import MobileMoEError
-from mobilemoe.formats import (CODE_DTYPE, DEFAULT_EXPERT_GROUP_AXIS, EXPERT_STORE_FORMAT, RECORD_ALIGN, RECORD_PARTS,
-                               SCALE_DTYPE)
+from mobilemoe.formats import CODE_DTYPE, EXPERT_STORE_FORMAT, RECORD_ALIGN, RECORD_PARTS, SCALE_DTYPE
 
 STORE_FILE = "experts.bin"
 STORE_INDEX = "experts.json"
@@ -193,10 +192,10 @@ def write_expert_store(int4_ckpt: str | os.PathLike, out_dir: str | os.PathLike)
     cfg, tensors = load_tensors(int4_ckpt, lazy=True)
     if not cfg.is_quantized:
         raise MobileMoEError(f"{int4_ckpt}: not an INT4 checkpoint (quantize it first: mobilemoe quantize)")
-    if cfg.expert_quant_group_axis != DEFAULT_EXPERT_GROUP_AXIS:  # records hold the native layout of `out` groups
-        raise MobileMoEError(f"{int4_ckpt}: field 'quantization.expert_group_axis' is "
-                             f"{cfg.expert_quant_group_axis!r}; the expert store holds only experts grouped "
-                             f"along 'out' (quantize with expert_quant_group_axis 'out')")
+    from mobilemoe.runtime.native import layout_problem  # records hold the native kernels' layout
+
+    if (layout := layout_problem(int4_ckpt, cfg)) is not None:
+        raise MobileMoEError(f"{layout}, and so does the expert store (quantize with expert_quant_group_axis 'out')")
     if not _moe_layers(cfg):
         raise MobileMoEError(f"{int4_ckpt}: the model has no MoE layers, so there are no experts to offload")
     out = Path(out_dir)
