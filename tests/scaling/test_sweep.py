@@ -38,13 +38,13 @@ def test_resume_skips_finished_runs_and_retries_failures(tmp_path):
     pts = parse_grid(GRID)
     table = tmp_path / "runs.jsonl"
     first = run_sweep(pts[:7], fake_train_one, table, tmp_path / "runs", log=None)
-    assert first == {"done": 6, "skipped": 0, "failed": 1}
+    assert first == {"done": 6, "skipped": 0, "busy": 0, "failed": 1}
     calls.clear()
     second = run_sweep(pts, fake_train_one, table, tmp_path / "runs", log=None)
-    assert second == {"done": 6, "skipped": 6, "failed": 0}
+    assert second == {"done": 6, "skipped": 6, "busy": 0, "failed": 0}
     assert len(calls) == 6  # 5 new runs + the retried failure; finished ones were not retrained
     third = run_sweep(pts, lambda *a: pytest.fail("nothing should train"), table, tmp_path / "runs", log=None)
-    assert third == {"done": 0, "skipped": 12, "failed": 0}
+    assert third == {"done": 0, "skipped": 12, "busy": 0, "failed": 0}
     rows = RunTable(table).rows()
     assert sum(r["status"] == "done" for r in rows) == 12 and sum(r["status"] == "failed" for r in rows) == 1
     assert len(RunTable(table).done()) == 12
@@ -64,6 +64,47 @@ def test_interrupted_append_leaves_table_intact(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         table.append({"key": "b", "status": "done", "loss": 2.0})
     assert [r["key"] for r in table.rows()] == ["a"]
+
+
+def test_second_worker_skips_a_run_another_holds_and_sees_its_finished_rows(tmp_path):
+    """Two workers on one table: a run whose directory is locked is left (busy, not failed), and a run
+    another worker finished while this one was busy is not retrained."""
+    from mobilemoe.utils import output_lock
+
+    pts = parse_grid(GRID)[:3]
+    table, root = tmp_path / "runs.jsonl", tmp_path / "runs"
+    trained = []
+
+    def train_one(cfg, tokens, out_dir, seed):
+        with output_lock(out_dir, "train"):
+            trained.append(out_dir.name)
+            if out_dir.name == pts[1].key:  # meanwhile the other worker finishes pts[2]
+                RunTable(table).append({"key": pts[2].key, "status": "done", "loss": 1.0})
+            return 2.0
+
+    with output_lock(root / pts[0].key, "train (the other worker)"):
+        counts = run_sweep(pts, train_one, table, root, log=None)
+    assert counts == {"done": 1, "skipped": 1, "busy": 1, "failed": 0}
+    assert trained == [pts[1].key]
+    assert RunTable(table).done() == {pts[1].key, pts[2].key}
+    assert all(r["status"] == "done" for r in RunTable(table).rows())  # the busy run left no failed row
+
+
+def test_concurrent_appends_keep_every_row(tmp_path):
+    import threading
+
+    table = RunTable(tmp_path / "runs.jsonl")
+
+    def writer(w):
+        for i in range(25):
+            table.append({"key": f"w{w}-{i}", "status": "done", "loss": 1.0})
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(table.done()) == 100
 
 
 def test_cli_fit_only_and_dry_run(tmp_path, capsys):
@@ -114,9 +155,9 @@ def test_resume_skips_finished_point_seed_pairs(tmp_path):
         return 3.0 + 0.01 * seed
 
     table = tmp_path / "runs.jsonl"
-    assert run_sweep(pts[:2], fake, table, tmp_path / "r", log=None) == {"done": 2, "skipped": 0, "failed": 0}
+    assert run_sweep(pts[:2], fake, table, tmp_path / "r", log=None) == {"done": 2, "skipped": 0, "busy": 0, "failed": 0}
     calls.clear()
-    assert run_sweep(pts, fake, table, tmp_path / "r", log=None) == {"done": 1, "skipped": 2, "failed": 0}
+    assert run_sweep(pts, fake, table, tmp_path / "r", log=None) == {"done": 1, "skipped": 2, "busy": 0, "failed": 0}
     assert calls == [(pts[2].key, 2)]  # only the missing seed trained, with its own seed and directory
     rows = RunTable(table).rows()
     assert [r["seed"] for r in rows] == [0, 1, 2] and len({r["point"] for r in rows}) == 1

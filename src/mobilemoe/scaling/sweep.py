@@ -9,6 +9,11 @@ run, so a crash never leaves a half-written row; on restart, every run whose key
 ``status: done`` row is skipped. A failed run is recorded as ``status: failed`` (with the error)
 and retried on the next start.
 
+Workers: several sweep processes may share one table and output root (e.g. one per core, each
+pinned with ``taskset``). A run is claimed by the trainer's lock on its own directory, so a second
+worker that reaches a run being trained elsewhere skips it (not a failure); appends to the table hold
+a lock on ``<table>.lock`` around the read-rename, so no worker's row is lost.
+
 Seeds: ``seed=0,1,2`` is a grid axis. One (point, seed) is one run: its key is the point's key plus
 ``-S<seed>`` (seed 0 keeps the bare point key, so tables written before seeds existed resume as
 seed 0), and its row keeps ``seed`` and ``point`` (the key without the seed). :func:`recipe_train_one`
@@ -152,13 +157,22 @@ class RunTable:
         return {k for k, r in self.latest().items() if r.get("status") == "done"}
 
     def append(self, row: dict[str, Any]) -> None:
-        """Add one row atomically: the whole table is rewritten to a temp file and renamed over."""
+        """Add one row atomically: the whole table is rewritten to a temp file and renamed over,
+        under an exclusive lock so that workers sharing the table never drop each other's rows."""
+        import fcntl
+
         from mobilemoe.utils import atomic_write_text
 
-        text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
-        if text and not text.endswith("\n"):
-            text += "\n"
-        atomic_write_text(self.path, text + json.dumps(row, sort_keys=False) + "\n")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # blocking: an append takes milliseconds
+            text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+            if text and not text.endswith("\n"):
+                text += "\n"
+            atomic_write_text(self.path, text + json.dumps(row, sort_keys=False) + "\n")
+        finally:
+            os.close(fd)
 
 
 def run_record(point: SweepPoint, **fields: Any) -> dict[str, Any]:
@@ -176,17 +190,19 @@ def run_record(point: SweepPoint, **fields: Any) -> dict[str, Any]:
 def run_sweep(points: Iterable[SweepPoint], train_one: TrainOne, table: str | os.PathLike,
               out_root: str | os.PathLike, log: Callable[[str], None] | None = print,
               stop_on_error: bool = False) -> dict[str, Any]:
-    """Train every (point, seed) not yet done; returns counts ``{"done", "skipped", "failed"}``.
+    """Train every (point, seed) not yet done; returns counts ``{"done", "skipped", "busy", "failed"}``.
 
     ``train_one(config, tokens, out_dir, seed)`` trains one run; each run has its own directory
-    ``out_root / key``."""
+    ``out_root / key``. A run whose directory another worker holds (:class:`~mobilemoe.utils.OutputLocked`)
+    counts as ``busy`` and is left to that worker."""
+    from mobilemoe.utils import OutputLocked
+
     table_ = RunTable(table)
-    done = table_.done()
     out_root = Path(out_root)
-    counts = {"done": 0, "skipped": 0, "failed": 0}
+    counts = {"done": 0, "skipped": 0, "busy": 0, "failed": 0}
     points = list(points)
     for i, p in enumerate(points, 1):
-        if p.key in done:
+        if p.key in table_.done():  # re-read per run: another worker may have finished it meanwhile
             counts["skipped"] += 1
             if log:
                 log(f"[{i}/{len(points)}] {p.key}: done already, skipped")
@@ -200,6 +216,11 @@ def run_sweep(points: Iterable[SweepPoint], train_one: TrainOne, table: str | os
                 raise SweepError(f"train_one returned a non-finite loss {loss}")
         except KeyboardInterrupt:
             raise
+        except OutputLocked as exc:
+            counts["busy"] += 1
+            if log:
+                log(f"    busy: {exc}; left to that worker")
+            continue
         except Exception as exc:  # noqa: BLE001 - recorded, retried on the next start
             table_.append(run_record(p, status="failed", error=f"{type(exc).__name__}: {exc}",
                                      seconds=time.perf_counter() - t0, time=time.time()))
