@@ -6,7 +6,8 @@ exports it with ``mobilemoe export gguf`` for each ``--types`` entry, and report
 * size: GGUF bytes / the INT4 checkpoint's bytes (its safetensors files),
 * fidelity: llama.cpp's logits (f32 KV cache, one token per step) against ``load_model(ckpt)``'s exact
   float forward of the same INT4 weights: mean KL(ref || llama.cpp) and top-1 agreement over the first
-  16 and over all ``--seqs`` x ``--seq-len`` positions (random token ids),
+  16 and over all ``--seqs`` x ``--seq-len`` positions (random token ids), and top-1 minus the native
+  runtime's on the same positions with its paired standard error (``top1_minus_native_pts``),
 * speed: llama.cpp's prefill / decode tok/s (median of ``--reps``, llama.cpp's default KV cache).
 
 The same fidelity and speed are measured for ``mobilemoe.runtime.Engine`` (native INT4 backend when
@@ -18,7 +19,7 @@ Prints one JSON object. Timings on a shared 2-core machine are noisy.
 
 Usage: python benchmarks/export_llamacpp.py [--preset tiny-moe|mobilemoe-s|...] [--ckpt DIR]
            [--types int4,f16,q8_0,q4_0] [--seqs 2] [--seq-len 512] [--prompt 64] [--gen 32]
-           [--threads 2] [--reps 3] [--workdir DIR]
+           [--threads 2] [--reps 3 | 0 = fidelity only] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -37,36 +38,55 @@ def ckpt_bytes(ckpt: Path) -> int:
     return sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
 
 
-def fidelity(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
-    """Mean KL(softmax(ref) || softmax(got)) and top-1 agreement over rows of [N, V] logits."""
-    ref, got = ref.astype(np.float64), got.astype(np.float64)
-    lp = ref - np.logaddexp.reduce(ref, axis=-1, keepdims=True)
-    lq = got - np.logaddexp.reduce(got, axis=-1, keepdims=True)
-    kl = (np.exp(lp) * (lp - lq)).sum(-1)
-    agree = ref.argmax(-1) == got.argmax(-1)
-    return {"kl": float(kl.mean()), "top1": float(agree.mean()), "top1_16": float(agree[:16].mean()),
-            "positions": int(len(agree))}
+def position_stats(ref: np.ndarray, got: np.ndarray, chunk: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Per-position KL(softmax(ref) || softmax(got)) and top-1 agreement of [N, V] logits.
+
+    In float64 row chunks: a whole 4096 x 128K float64 copy would need tens of GB."""
+    kls, agree = [], []
+    for i in range(0, len(ref), chunk):
+        r, g = ref[i:i + chunk].astype(np.float64), got[i:i + chunk].astype(np.float64)
+        lp = r - np.logaddexp.reduce(r, axis=-1, keepdims=True)
+        lq = g - np.logaddexp.reduce(g, axis=-1, keepdims=True)
+        kls.append((np.exp(lp) * (lp - lq)).sum(-1))
+        agree.append(r.argmax(-1) == g.argmax(-1))
+    return np.concatenate(kls), np.concatenate(agree)
 
 
-def reference_logits(ckpt: Path, seqs: list[list[int]]) -> np.ndarray:
+def fidelity(refs: list[np.ndarray], gots: list[np.ndarray]) -> tuple[dict[str, float], np.ndarray]:
+    """Mean KL and top-1 agreement over every sequence's positions, plus the per-position agreement
+    vector (for the paired comparison with the native runtime)."""
+    stats = [position_stats(r, g) for r, g in zip(refs, gots)]
+    kl = np.concatenate([k for k, _ in stats])
+    agree = np.concatenate([a for _, a in stats])
+    first16 = np.concatenate([a[:16] for _, a in stats])[:16]
+    return ({"kl": float(kl.mean()), "top1": float(agree.mean()), "top1_16": float(first16.mean()),
+             "positions": int(len(agree))}, agree)
+
+
+def paired_top1(agree: np.ndarray, base: np.ndarray) -> dict[str, float]:
+    """Top-1 agreement minus the baseline's on the same positions, in points, with its paired standard
+    error (positions where both agree or both disagree carry no information about the difference)."""
+    d = agree.astype(np.float64) - base.astype(np.float64)
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return {"top1_minus_native_pts": round(100 * float(d.mean()), 2), "paired_se_pts": round(100 * se, 2)}
+
+
+def reference_logits(ckpt: Path, seqs: list[list[int]]) -> list[np.ndarray]:
     import torch
 
     from mobilemoe.checkpoint import load_model
 
     model = load_model(ckpt).eval()
     with torch.no_grad():
-        return np.concatenate([model(torch.tensor([s])).logits[0].float().numpy() for s in seqs])
+        return [model(torch.tensor([s])).logits[0].float().numpy() for s in seqs]
 
 
-def engine_logits(engine, seqs: list[list[int]]) -> np.ndarray:
-    rows = []
-    for s in seqs:
-        engine.reset()
-        rows += [engine.decode(t).float().numpy() for t in s]
-    return np.stack(rows)
+def engine_logits(engine, s: list[int]) -> np.ndarray:
+    engine.reset()
+    return np.stack([engine.decode(t).float().numpy() for t in s])
 
 
-def measure_type(ckpt: Path, work: Path, gtype: str, seqs, ref, args) -> dict:
+def measure_type(ckpt: Path, work: Path, gtype: str, seqs, ref, native_agree, args) -> dict:
     from mobilemoe.bench.llamacpp import run_in_child, time_prefill_decode
     from mobilemoe.errors import MobileMoEError
     from mobilemoe.export.gguf import export_gguf
@@ -79,8 +99,10 @@ def measure_type(ckpt: Path, work: Path, gtype: str, seqs, ref, args) -> dict:
            "export_s": round(time.perf_counter() - t0, 2), "exact_q4_0_tensors": len(report.exact_q4_0),
            "requantized_tensors": len(report.requantized)}
     try:
-        got = np.concatenate([llama_logits(path, s, n_ctx=len(s) + 8)[0] for s in seqs])
-        row.update(fidelity(ref, got))
+        numbers, agree = fidelity(ref, [llama_logits(path, s, n_ctx=len(s) + 8)[0] for s in seqs])
+        row.update(numbers, **paired_top1(agree, native_agree))
+        if args.reps == 0:
+            return row
         row.update({k: round(v, 1) for k, v in run_in_child(
             time_prefill_decode, str(path), args.prompt, args.gen, args.reps, args.threads,
             what=f"timing {path.name}").items()})
@@ -89,14 +111,18 @@ def measure_type(ckpt: Path, work: Path, gtype: str, seqs, ref, args) -> dict:
     return row
 
 
-def measure_engine(ckpt: Path, seqs, ref, args) -> dict:
+def measure_engine(ckpt: Path, seqs, ref, args) -> tuple[dict, np.ndarray]:
+    """The native runtime's fidelity and speed, and its per-position top-1 agreement."""
     import torch
 
     from mobilemoe.runtime import Engine
 
     engine = Engine.load(ckpt, max_seq_len=max(len(seqs[0]), args.prompt + args.gen) + 8)
     row = {"backend": type(engine.backend).__name__, "size_x": 1.0}
-    row.update(fidelity(ref, engine_logits(engine, seqs)))
+    numbers, agree = fidelity(ref, [engine_logits(engine, s) for s in seqs])
+    row.update(numbers)
+    if args.reps == 0:
+        return row, agree
     gen = torch.Generator().manual_seed(0)
     ttft, dtoks = [], []
     for _ in range(args.reps):
@@ -107,7 +133,7 @@ def measure_engine(ckpt: Path, seqs, ref, args) -> dict:
         dtoks.append(res.decode_tok_s)
     row.update(prefill_tok_s=round(args.prompt / statistics.median(ttft), 1),
                decode_tok_s=round(statistics.median(dtoks), 1))
-    return row
+    return row, agree
 
 
 def main() -> None:
@@ -120,7 +146,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="timing repetitions; 0 measures fidelity only")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
 
@@ -137,10 +163,11 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, vocab, (args.seq_len,), generator=gen).tolist() for _ in range(args.seqs)]
     ref = reference_logits(ckpt, seqs)
+    native, native_agree = measure_engine(ckpt, seqs, ref, args)
     result = {"preset": None if args.ckpt else args.preset, "ckpt": str(ckpt), "ckpt_bytes": ckpt_bytes(ckpt),
-              "positions": len(ref), "prompt": args.prompt, "gen": args.gen, "threads": args.threads,
-              "mobilemoe_engine": measure_engine(ckpt, seqs, ref, args),
-              "gguf": {t: measure_type(ckpt, work, t, seqs, ref, args) for t in args.types.split(",")}}
+              "positions": sum(len(r) for r in ref), "prompt": args.prompt, "gen": args.gen,
+              "threads": args.threads, "mobilemoe_engine": native,
+              "gguf": {t: measure_type(ckpt, work, t, seqs, ref, native_agree, args) for t in args.types.split(",")}}
     print(json.dumps(result, indent=2))
 
 

@@ -22,3 +22,37 @@ def llama_logits(path, ids, n_ctx=64):
 def ref_logits(ckpt, ids):
     with torch.no_grad():
         return load_model(ckpt).eval()(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def q8_0_round(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as llama.cpp's x86 CPU backend feeds it to a Q4_0 / Q8_0 matmul: quantize_row_q8_0 per
+    block of 32 along the last axis (amax, id = 127 / amax in fp32, q = round-half-even(x * id), scale
+    d = amax / 127 stored as fp16), dequantized back: q * fp16(d)."""
+    shape, dtype = x.shape, x.dtype
+    b = x.float().reshape(*shape[:-1], shape[-1] // 32, 32)
+    amax = b.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(b * inv)
+    d = (amax / 127.0).half().float()
+    return (q * d).reshape(shape).to(dtype)
+
+
+def ref_logits_llamacpp_rounding(ckpt, ids, inputs_of=("",)):
+    """The exact INT4 forward (fp64) with llama.cpp's one deliberate rounding: the input of every
+    matmul whose module name contains one of ``inputs_of`` (attention and FFN projections, shared
+    expert; ``"experts"`` for the routed experts' two matmuls; ``"head"`` for the output head) goes
+    through :func:`q8_0_round` (the fp32 routers never do). With every quantized matmul covered, what
+    is left between this and llama.cpp is float rounding."""
+    from mobilemoe.moe import MoEBlock
+
+    model = load_model(ckpt).eval().double()
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and not name.endswith(".router") and any(p in name for p in inputs_of):
+            hooks.append(mod.register_forward_pre_hook(lambda m, args: (q8_0_round(args[0]),) + args[1:]))
+        if isinstance(mod, MoEBlock) and any(p in ("", "experts") for p in inputs_of):
+            mod.experts.activation = q8_0_round
+    if any(p in ("", "head") for p in inputs_of):
+        hooks.append(model.model.norm.register_forward_hook(lambda m, args, out: q8_0_round(out)))
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()

@@ -81,6 +81,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -267,12 +268,16 @@ def default_type(cfg: MobileMoEConfig) -> str:
     return "int4" if cfg.is_quantized else "f16"
 
 
-def export_gguf(ckpt: str | os.PathLike, out: str | os.PathLike, type: str | None = None) -> GGUFExportReport:
+def export_gguf(ckpt: str | os.PathLike, out: str | os.PathLike, type: str | None = None,
+                only: Callable[[str], bool] | None = None) -> GGUFExportReport:
     """Write ``out`` (a GGUF for llama.cpp's ``exaone-moe``) from a mobilemoe checkpoint directory.
     ``type``: one of :data:`TYPES`; None picks :func:`default_type`. Exact Q4_0 copies (see the module
     docstring): with ``int4`` / ``q4_0``, every matrix grouped along ``in`` -- all of them when the
     checkpoint's routed experts are grouped along ``in``; otherwise the experts are Q8_0 (``int4``)
-    or re-quantized Q4_0 (``q4_0``, 3.8-8.4% RMS weight error)."""
+    or re-quantized Q4_0 (``q4_0``, 3.8-8.4% RMS weight error).
+
+    ``only`` (a diagnostic): the matmul weights whose GGUF name it rejects are written f32, so
+    llama.cpp's arithmetic on one kind of tensor can be checked alone."""
     gguf = _gguf()
     if type is not None and type not in TYPES:
         raise ExportError(f"unknown GGUF type {type!r}: choose one of {TYPES}")
@@ -352,7 +357,9 @@ def export_gguf(ckpt: str | os.PathLike, out: str | os.PathLike, type: str | Non
 
     def add_weight(name: str, s: _Source, rows_perm=None) -> None:
         """A matmul weight [out, in] (or [E, out, in]) in the chosen type."""
-        if s.qweight is not None and type in ("q4_0", "int4"):
+        if only is not None and not only(name):
+            _add_float(name, s.float() if rows_perm is None else rows_perm(s.float()), qt.F32)
+        elif s.qweight is not None and type in ("q4_0", "int4"):
             qweight, scales = s.qweight, s.scales
             if rows_perm is not None:  # a row permutation moves packed rows and their scales alike
                 qweight, scales = rows_perm(qweight), rows_perm(scales)
@@ -367,21 +374,22 @@ def export_gguf(ckpt: str | os.PathLike, out: str | os.PathLike, type: str | Non
             _add_float(name, t)
         report.tensors += 1
 
-    def _add_float(name: str, t: torch.Tensor) -> None:
+    def _add_float(name: str, t: torch.Tensor, as_type=None) -> None:
         arr = t.float().contiguous().numpy()
-        if wtype == qt.F32:
+        as_type = wtype if as_type is None else as_type
+        if as_type == qt.F32:
             w.add_tensor(name, arr, raw_dtype=qt.F32)
-        elif wtype == qt.F16:
+        elif as_type == qt.F16:
             arr = arr.astype(np.float16)
             w.add_tensor(name, arr, raw_dtype=qt.F16)
         else:
-            arr = gguf.quants.quantize(arr, wtype)
-            w.add_tensor(name, arr, raw_dtype=wtype)
+            arr = gguf.quants.quantize(arr, as_type)
+            w.add_tensor(name, arr, raw_dtype=as_type)
             report.requantized.append(name)
         report.bytes += arr.nbytes
 
     def add_experts(name: str, t: torch.Tensor) -> None:
-        _add_float(name, t)
+        _add_float(name, t, qt.F32 if only is not None and not only(name) else None)
         report.tensors += 1
 
     def add_expert_pair(names: tuple[str, ...], s: _Source) -> None:
