@@ -39,6 +39,8 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 GRIDS = {  # cheapest first; the dense model at the MoE models' memory last (it is the slowest)
     "dense at the MoE models' active sizes": "d_model=64,96,128 E=1 head_dim=32 kv_heads=2 tokens={tokens}",
     "coarse MoE (8x top-1)": "d_model=64,96,128 E=8 g=1 k=1 s=0 head_dim=32 kv_heads=2 tokens={tokens}",
@@ -156,42 +158,113 @@ def choose_tokens(vocab: int, hours: float, rate: dict[str, float], done: set[st
 
 
 def interp_loglog(x: float, pts: list[tuple[float, float]]) -> tuple[float, bool]:
-    """Loss at memory ``x`` from (memory, loss) points, linear in log-log; (value, extrapolated)."""
+    """Log-log interpolation of ``pts`` [(x, y)] at ``x`` (extrapolates from the end pair, flagged)."""
+    y, _, extrap = interp_loglog_se(x, [(px, py, None) for px, py in pts])
+    return y, extrap
+
+
+def interp_loglog_se(x: float, pts: list[tuple[float, float, float | None]]
+                     ) -> tuple[float, float | None, bool]:
+    """Log-log interpolation of ``pts`` [(x, y, se of y)] at ``x``: (y, its standard error, extrapolated).
+
+    The SE propagates the two neighbours' seed SEs through the interpolation weights in log space
+    (independent runs); it leaves out how far the true curve bends between them."""
     pts = sorted(pts)
     lx = math.log(x)
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-        if x0 <= x <= x1:
-            t = (lx - math.log(x0)) / (math.log(x1) - math.log(x0))
-            return math.exp((1 - t) * math.log(y0) + t * math.log(y1)), False
-    (x0, y0), (x1, y1) = (pts[0], pts[1]) if x < pts[0][0] else (pts[-2], pts[-1])
+    pair = next(((a, b) for a, b in zip(pts, pts[1:]) if a[0] <= x <= b[0]), None)
+    extrap = pair is None
+    if extrap:
+        pair = (pts[0], pts[1]) if x < pts[0][0] else (pts[-2], pts[-1])
+    (x0, y0, s0), (x1, y1, s1) = pair
     t = (lx - math.log(x0)) / (math.log(x1) - math.log(x0))
-    return math.exp((1 - t) * math.log(y0) + t * math.log(y1)), True
+    y = math.exp((1 - t) * math.log(y0) + t * math.log(y1))
+    if s0 is None or s1 is None:
+        return y, None, extrap
+    return y, y * math.hypot((1 - t) * s0 / y0, t * s1 / y1), extrap
+
+
+def verdict(diff: float, se: float | None, z: float = 2.0) -> str:
+    """MoE minus dense loss -> 'MoE better' / 'MoE worse' / 'not distinguishable' at |diff| > z SE."""
+    if se is None or not math.isfinite(se) or se == 0:
+        return "one seed: no verdict"
+    if diff < -z * se:
+        return "MoE better"
+    if diff > z * se:
+        return "MoE worse"
+    return "not distinguishable"
 
 
 def compare(rows: list[dict]) -> dict:
-    """Matched-active and matched-memory comparisons at each token budget."""
+    """Matched-active and matched-memory comparisons at each token budget, each MoE-minus-dense
+    difference with its standard error (seed SEs combined) and a verdict at 2 SE (about 95%)."""
     out: dict = {"matched_active": [], "matched_memory": []}
     for tokens in sorted({r["tokens"] for r in rows}):
         at = [r for r in rows if r["tokens"] == tokens]
         dense = [r for r in at if r["family"] == "dense"]
         for d in sorted({r["d_model"] for r in at if r["family"] != "dense"}):
             entry = {"tokens": tokens, "d_model": d}
+            base = next((r for r in dense if r["d_model"] == d), None)
             for r in at:
                 if r["d_model"] == d:
-                    entry[FAMILY_NAMES.get(r["family"], r["family"])] = {
-                        "loss": r["loss"], "se": r.get("se"), "n": r.get("n", 1), "active_M": r["n_act"] / 1e6,
-                        "int4_MB": r["int4_bytes"] / 1e6}
+                    name = FAMILY_NAMES.get(r["family"], r["family"])
+                    entry[name] = {"loss": r["loss"], "se": r.get("se"), "n": r.get("n", 1),
+                                   "active_M": r["n_act"] / 1e6, "int4_MB": r["int4_bytes"] / 1e6}
+                    if base is not None and r is not base:
+                        diff, se = _diff(r, base)
+                        entry[name].update(minus_dense=diff, minus_dense_se=se, verdict=verdict(diff, se))
             out["matched_active"].append(entry)
-        pts = [(r["int4_bytes"], r["loss"]) for r in dense]
+        pts = [(r["int4_bytes"], r["loss"], r.get("se")) for r in dense]
         for r in at:
             if r["family"] == "dense" or len(pts) < 2:
                 continue
-            dense_loss, extrap = interp_loglog(r["int4_bytes"], pts)
+            dense_loss, dense_se, extrap = interp_loglog_se(r["int4_bytes"], pts)
+            diff = r["loss"] - dense_loss
+            se = None if dense_se is None or r.get("se") is None else math.hypot(r["se"], dense_se)
             out["matched_memory"].append({
                 "tokens": tokens, "family": FAMILY_NAMES.get(r["family"], r["family"]), "d_model": r["d_model"],
                 "int4_MB": r["int4_bytes"] / 1e6, "moe_loss": r["loss"], "moe_se": r.get("se"),
-                "dense_loss_at_same_memory": dense_loss,
-                "moe_minus_dense": r["loss"] - dense_loss, "dense_extrapolated": extrap})
+                "dense_loss_at_same_memory": dense_loss, "dense_se": dense_se,
+                "moe_minus_dense": diff, "moe_minus_dense_se": se, "verdict": verdict(diff, se),
+                "dense_extrapolated": extrap})
+    return out
+
+
+def _diff(r: dict, base: dict) -> tuple[float, float | None]:
+    se = None if r.get("se") is None or base.get("se") is None else math.hypot(r["se"], base["se"])
+    return r["loss"] - base["loss"], se
+
+
+TIERS = ("mobilemoe-s", "mobilemoe-m", "mobilemoe-l")
+TIER_TOKENS = (2_000_000, 1_000_000_000_000)  # the sweep's budget, and a pretraining-scale one
+
+
+def tier_predictions(fits, tokens_list=TIER_TOKENS, ci: float = 0.9) -> list[dict]:
+    """What the fitted laws say at the published tiers: the fine-grained + shared law at the tier's
+    active params and E, beside the dense law at the dense size with the tier's INT4 bytes, with
+    bootstrap intervals. Far outside the fitted range (the sweep's models are 1000x smaller)."""
+    from mobilemoe.scaling.space import Arch, rule_layers, stats, tier_arch
+
+    by_family = {f.family: f for f in fits}
+    moe_fit, dense_fit = by_family.get("k1-g8-s4"), by_family.get("dense")
+    if moe_fit is None or dense_fit is None:
+        return []
+    out = []
+    for name in TIERS:
+        st = stats(tier_arch(name))
+        dense_st = min((stats(Arch(d_model=d, layers=rule_layers(d), vocab=st.arch.vocab, head_dim=64, kv_heads=4))
+                        for d in range(256, 4097, 32)), key=lambda x: abs(x.int4_bytes - st.int4_bytes))
+        for tokens in tokens_list:
+            m, m_lo, m_hi = moe_fit.predict_interval(st.active_params, tokens, st.arch.e_law, ci)
+            d, d_lo, d_hi = dense_fit.predict_interval(dense_st.active_params, tokens, 1.0, ci)
+            diffs = [float(a.predict(st.active_params, tokens, st.arch.e_law) - b.predict(dense_st.active_params, tokens))
+                     for a, b in zip(moe_fit.samples, dense_fit.samples)]
+            lo, hi = ((float(np.percentile(diffs, 100 * (1 - ci) / 2)), float(np.percentile(diffs, 100 * (1 + ci) / 2)))
+                      if diffs else (float("nan"), float("nan")))
+            out.append({"tier": name, "tokens": tokens, "int4_MB": st.int4_bytes / 1e6,
+                        "moe_active_M": st.active_params / 1e6, "dense_equal_memory": dense_st.arch.label(),
+                        "dense_active_M": dense_st.active_params / 1e6,
+                        "moe_loss": m, "moe_interval": [m_lo, m_hi], "dense_loss": d, "dense_interval": [d_lo, d_hi],
+                        "moe_minus_dense": m - d, "moe_minus_dense_interval": [lo, hi], "ci": ci})
     return out
 
 
@@ -210,10 +283,11 @@ def plot(rows: list[dict], law, path: Path) -> None:
             if not rs:
                 continue
             label = f"{FAMILY_NAMES[fam]}, {tokens / 1e6:g}M tokens"
-            axes[0].plot([r["int4_bytes"] / 1e6 for r in rs], [r["loss"] for r in rs], style, marker="o",
-                         color=color, label=label)
-            axes[1].plot([r["n_act"] / 1e6 for r in rs], [r["loss"] for r in rs], style, marker="o", color=color,
-                         label=label)
+            err = [r.get("se") or 0.0 for r in rs]  # seed standard errors
+            axes[0].errorbar([r["int4_bytes"] / 1e6 for r in rs], [r["loss"] for r in rs], yerr=err, fmt=style,
+                             marker="o", color=color, label=label, capsize=3)
+            axes[1].errorbar([r["n_act"] / 1e6 for r in rs], [r["loss"] for r in rs], yerr=err, fmt=style,
+                             marker="o", color=color, label=label, capsize=3)
             p = law.families.get(fam) if law is not None else None
             if p is not None:  # the fitted law along the same active sizes
                 n = np.geomspace(rs[0]["n_act"], rs[-1]["n_act"], 30)
@@ -223,7 +297,7 @@ def plot(rows: list[dict], law, path: Path) -> None:
     axes[0].set_title("matched memory: loss vs INT4 bytes")
     axes[1].set_xscale("log")
     axes[1].set_xlabel("active parameters (M)")
-    axes[1].set_title("matched compute: loss vs active params (dotted: fitted law)")
+    axes[1].set_title("matched compute: loss vs active params (dotted: fitted law; bars: seed SE)")
     for ax in axes:
         ax.set_ylabel("validation loss (nats/token)")
         ax.grid(alpha=0.3)
@@ -291,6 +365,7 @@ def main() -> None:
         "runs": sum(g["n"] for g in points), "table": rows,
         "fits": [f.to_dict() for f in fits], "skipped_fits": law.meta.get("skipped"),
         **compare(rows),
+        "tiers": tier_predictions(fits),
     }
     print(format_summary(points))
     plot(rows, law, out / "sweep.png")

@@ -1,3 +1,4 @@
+import math
 import json
 
 import numpy as np
@@ -46,6 +47,16 @@ def test_single_e_family_fit_bootstrap_and_heldout():
     assert lo <= res.params.alpha <= hi and hi - lo < 0.1
     assert set(res.intervals) == {"a", "alpha", "b", "beta", "c"}
     assert res.heldout["n"] == 5 and res.heldout["mape"] < 0.01
+    # the prediction interval comes from the same bootstrap fits: around the prediction, as narrow as
+    # the runs' noise (0.002 in log loss) at a fitted point, and the truth within that noise of it
+    n, d = N_GRID[len(N_GRID) // 2], D_GRID[-1]
+    pred, lo, hi = res.predict_interval(n, d, 8)
+    assert len(res.samples) == res.to_dict()["bootstrap_fits"] > 0
+    assert lo <= pred <= hi and hi - lo < 0.01 * pred
+    assert abs(float(chin.predict(n, d)) - pred) < 0.002 * pred
+    far = res.predict_interval(1000 * N_GRID[-1], d, 8)  # extrapolation widens it
+    assert far[2] - far[1] > hi - lo
+    assert math.isnan(fit_family(runs, n_starts=4, max_iter=100).predict_interval(n, d, 8)[1])
     ext = fit_family(runs, n_starts=4, holdout=0.2, holdout_mode="largest", max_iter=100)
     assert ext.heldout["mode"] == "largest" and ext.heldout["mape"] < 0.02  # extrapolation to the biggest runs
     with pytest.raises(LawError, match="several E"):

@@ -1,3 +1,4 @@
+import math
 import json
 
 import pytest
@@ -253,3 +254,48 @@ def test_equal_memory_plan_brackets_moe_int4_bytes_with_seeds():
     assert bench.estimate_seconds(pts, rates, all_keys) == 0
     big, _ = bench.choose_tokens(512, 1000.0, rates, set())
     assert big == bench.TOKEN_LADDER[0]
+
+
+def test_comparisons_carry_standard_errors_and_verdicts():
+    bench = _bench()
+
+    def row(fam, d, int4, loss, se):
+        return {"family": fam, "d_model": d, "tokens": 1e6, "int4_bytes": int4, "n_act": d * 1e4, "loss": loss,
+                "se": se, "n": 3}
+
+    rows = [row("dense", 64, 1e6, 3.0, 0.01), row("dense", 128, 4e6, 2.8, 0.01),
+            row("k1-g8-s4", 64, 2e6, 2.95, 0.01)]  # at 2 MB, halfway (log) between the dense points
+    out = bench.compare(rows)
+    (mem,) = out["matched_memory"]
+    dense_at = math.exp(0.5 * math.log(3.0) + 0.5 * math.log(2.8))
+    assert mem["dense_loss_at_same_memory"] == pytest.approx(dense_at)
+    assert mem["dense_se"] == pytest.approx(dense_at * math.hypot(0.5 * 0.01 / 3.0, 0.5 * 0.01 / 2.8))
+    assert mem["moe_minus_dense_se"] == pytest.approx(math.hypot(0.01, mem["dense_se"]))
+    assert mem["verdict"] == "MoE worse" and not mem["dense_extrapolated"]  # +0.052 at SE 0.012
+    (act,) = out["matched_active"]
+    moe = act["fine-grained + shared"]
+    assert moe["minus_dense"] == pytest.approx(-0.05) and moe["verdict"] == "MoE better"
+    assert bench.verdict(0.015, 0.01) == "not distinguishable" and bench.verdict(-0.03, 0.01) == "MoE better"
+    assert bench.verdict(0.5, None) == "one seed: no verdict"
+
+
+def test_tier_predictions_compare_at_equal_int4_memory_with_intervals():
+    from mobilemoe.scaling.law import FitResult, LawParams
+    from mobilemoe.scaling.space import stats, tier_arch
+
+    bench = _bench()
+
+    def fit(family, a, samples):
+        p = LawParams(a=a, alpha=-0.3, b=1600.0, beta=-0.32, c=1.8)
+        boot = [LawParams(a=x, alpha=-0.3, b=1600.0, beta=-0.32, c=1.8) for x in samples]
+        return FitResult(params=p, objective=0.0, n_runs=9, family=family, joint=False, rmse_log=0.0, samples=boot)
+
+    rows = bench.tier_predictions([fit("k1-g8-s4", 250.0, [240.0, 250.0, 260.0]),
+                                   fit("dense", 300.0, [290.0, 300.0, 310.0])], tokens_list=(2e6,))
+    assert [r["tier"] for r in rows] == list(bench.TIERS)
+    for r in rows:
+        assert r["int4_MB"] == pytest.approx(stats(tier_arch(r["tier"])).int4_bytes / 1e6)
+        lo, hi = r["moe_minus_dense_interval"]
+        assert lo <= r["moe_minus_dense"] <= hi and r["moe_interval"][0] <= r["moe_loss"] <= r["moe_interval"][1]
+        assert r["dense_active_M"] > r["moe_active_M"]  # equal memory buys the dense model more active params
+    assert bench.tier_predictions([fit("dense", 300.0, [])]) == []  # no MoE fit: nothing to say

@@ -322,10 +322,21 @@ class FitResult:
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # bootstrap percentile CIs
     heldout: dict[str, float] = field(default_factory=dict)
     n_points: int = 0  # distinct design points (runs of several seeds at one point count once)
+    samples: list[LawParams] = field(default_factory=list, repr=False)  # the bootstrap fits
+
+    def predict_interval(self, n_act: float, tokens: float, e: float = 1.0, ci: float = 0.9
+                         ) -> tuple[float, float, float]:
+        """The fit's loss prediction and the bootstrap percentile interval ``ci`` around it
+        (``(pred, nan, nan)`` when the fit ran without bootstrap)."""
+        pred = float(self.params.predict(n_act, tokens, e))
+        if not self.samples:
+            return pred, float("nan"), float("nan")
+        xs = [float(p.predict(n_act, tokens, e)) for p in self.samples]
+        return pred, float(np.percentile(xs, 100 * (1 - ci) / 2)), float(np.percentile(xs, 100 * (1 + ci) / 2))
 
     def to_dict(self) -> dict[str, Any]:
         return {"family": self.family, "joint": self.joint, "n_runs": self.n_runs, "n_points": self.n_points,
-                "objective": self.objective,
+                "bootstrap_fits": len(self.samples), "objective": self.objective,
                 "rmse_log": self.rmse_log, "params": self.params.to_dict(),
                 "intervals": {k: list(v) for k, v in self.intervals.items()}, "heldout": self.heldout}
 
@@ -581,6 +592,7 @@ def fit_law(runs: Sequence[Run], joint: bool | None = None, n_starts: int = 24, 
                        "(too few or too noisy runs for this form)")
 
     intervals: dict[str, tuple[float, float]] = {}
+    boot: list[LawParams] = []
     if bootstrap > 0:
         samples: dict[str, list[float]] = {k: [] for k in PARAM_NAMES}
         np_rng = np.random.default_rng(seed)
@@ -590,6 +602,7 @@ def fit_law(runs: Sequence[Run], joint: bool | None = None, n_starts: int = 24, 
             p = _params_or_none(th, joint, e_fixed, center)
             if p is None:
                 continue
+            boot.append(p)
             for k in PARAM_NAMES:
                 samples[k].append(getattr(p, k))
         lo_q, hi_q = 100 * (1 - ci) / 2, 100 * (1 + ci) / 2
@@ -597,7 +610,8 @@ def fit_law(runs: Sequence[Run], joint: bool | None = None, n_starts: int = 24, 
             if xs and (joint or k not in E_TERMS):
                 intervals[k] = (float(np.percentile(xs, lo_q)), float(np.percentile(xs, hi_q)))
     return FitResult(params=params, objective=val, n_runs=len(runs), family=family, joint=joint,
-                     rmse_log=log_rmse(params, runs), intervals=intervals, heldout=heldout, n_points=len(clusters))
+                     rmse_log=log_rmse(params, runs), intervals=intervals, heldout=heldout, n_points=len(clusters),
+                     samples=boot)
 
 
 def fit_family(runs: Sequence[Run], **kwargs: Any) -> FitResult:
