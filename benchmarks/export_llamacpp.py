@@ -33,42 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mobilemoe.eval.logit_agreement import fidelity, paired_top1
+
 
 def ckpt_bytes(ckpt: Path) -> int:
     return sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
-
-
-def position_stats(ref: np.ndarray, got: np.ndarray, chunk: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """Per-position KL(softmax(ref) || softmax(got)) and top-1 agreement of [N, V] logits.
-
-    In float64 row chunks: a whole 4096 x 128K float64 copy would need tens of GB."""
-    kls, agree = [], []
-    for i in range(0, len(ref), chunk):
-        r, g = ref[i:i + chunk].astype(np.float64), got[i:i + chunk].astype(np.float64)
-        lp = r - np.logaddexp.reduce(r, axis=-1, keepdims=True)
-        lq = g - np.logaddexp.reduce(g, axis=-1, keepdims=True)
-        kls.append((np.exp(lp) * (lp - lq)).sum(-1))
-        agree.append(r.argmax(-1) == g.argmax(-1))
-    return np.concatenate(kls), np.concatenate(agree)
-
-
-def fidelity(refs: list[np.ndarray], gots: list[np.ndarray]) -> tuple[dict[str, float], np.ndarray]:
-    """Mean KL and top-1 agreement over every sequence's positions, plus the per-position agreement
-    vector (for the paired comparison with the native runtime)."""
-    stats = [position_stats(r, g) for r, g in zip(refs, gots)]
-    kl = np.concatenate([k for k, _ in stats])
-    agree = np.concatenate([a for _, a in stats])
-    first16 = np.concatenate([a[:16] for _, a in stats])[:16]
-    return ({"kl": float(kl.mean()), "top1": float(agree.mean()), "top1_16": float(first16.mean()),
-             "positions": int(len(agree))}, agree)
-
-
-def paired_top1(agree: np.ndarray, base: np.ndarray) -> dict[str, float]:
-    """Top-1 agreement minus the baseline's on the same positions, in points, with its paired standard
-    error (positions where both agree or both disagree carry no information about the difference)."""
-    d = agree.astype(np.float64) - base.astype(np.float64)
-    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-    return {"top1_minus_native_pts": round(100 * float(d.mean()), 2), "paired_se_pts": round(100 * se, 2)}
 
 
 def reference_logits(ckpt: Path, seqs: list[list[int]]) -> list[np.ndarray]:

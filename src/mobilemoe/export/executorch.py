@@ -552,6 +552,10 @@ class PteRunner:
         _require()
         from executorch.runtime import Runtime
 
+        try:  # registers llama::quantized_moe_ffn.out, which routed programs call (nothing else loads it)
+            _load_moe_op()
+        except MobileMoEError:
+            pass  # a program without the op still runs; one with it fails in load_method, naming the op
         self.program = Runtime.get().load_program(Path(path))
         self.method = self.program.load_method("forward")
         self.prefill, self.chunk = None, 1
@@ -574,3 +578,11 @@ class PteRunner:
                  for i in range(0, n_chunked, self.chunk)]
         parts += [self._run(self.method, [t], start_pos + i) for i, t in enumerate(tokens) if i >= n_chunked]
         return torch.cat(parts) if parts else torch.empty(0)
+
+
+def routed_expert_blob_bytes(module: nn.Module) -> list[int]:
+    """Per :class:`QuantizedMoE` layer of ``module`` (in order), the bytes ONE routed expert's blobs
+    take in the program: its ``packed_w13`` row plus its ``packed_w2`` row (headers, nibble codes, fp32
+    scales and int32 code sums), i.e. what ``quantized_moe_ffn`` reads for each expert it runs."""
+    return [int(m.packed_w13[0].numel() * m.packed_w13.element_size() + m.packed_w2[0].numel()
+                * m.packed_w2.element_size()) for m in module.modules() if isinstance(m, QuantizedMoE)]
