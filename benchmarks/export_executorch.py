@@ -106,7 +106,7 @@ def chosen_experts(ckpt: Path, ids: list[int], max_seq_len: int, margin: float) 
     import torch
 
     from mobilemoe.checkpoint import load_model
-    from mobilemoe.export.executorch import QuantizedMoE, quantize_8da4w, static_module
+    from mobilemoe.export.executorch import QuantizedMoE, checkpoint_linear_codes, quantize_8da4w, static_module
 
     model = load_model(ckpt, dtype=torch.float32).eval()
     k = model.config.num_experts_per_tok
@@ -119,7 +119,7 @@ def chosen_experts(ckpt: Path, ids: list[int], max_seq_len: int, margin: float) 
         scores = torch.sigmoid(logits) if model.config.router_type == "sigmoid" else torch.softmax(logits, -1)
         union[i] |= _near_topk(scores + block.expert_bias.float(), k, margin)
     module = static_module(model, max_seq_len, "op")
-    quantize_8da4w(module)
+    quantize_8da4w(module, codes=checkpoint_linear_codes(ckpt))  # as export_executorch does
     inputs: list = []
     hooks = [m.register_forward_pre_hook(lambda m, a: inputs.append((m, a[0].detach())))
              for m in module.modules() if isinstance(m, QuantizedMoE)]
@@ -145,8 +145,8 @@ def poisoned_check(ckpt: Path, clean_pte: Path, work: Path, ids: list[int], max_
     import torch
 
     from mobilemoe.checkpoint import load_model
-    from mobilemoe.export.executorch import (PteRunner, checkpoint_expert_codes, export_module, quantize_8da4w,
-                                             static_module)
+    from mobilemoe.export.executorch import (PteRunner, checkpoint_expert_codes, checkpoint_linear_codes,
+                                             export_module, quantize_8da4w, static_module)
 
     if checkpoint_expert_codes(ckpt):
         return {"skipped": "code-exact ('in'-axis) checkpoint: the export refuses experts that are not its codes"}
@@ -161,7 +161,7 @@ def poisoned_check(ckpt: Path, clean_pte: Path, work: Path, ids: list[int], max_
                 block.experts.down_proj[e] = float("nan")
             poisoned_per_layer.append(len(bad))
     module = static_module(model, max_seq_len, "op")
-    quantize_8da4w(module)
+    quantize_8da4w(module, codes=checkpoint_linear_codes(ckpt))  # as export_executorch does
     path = export_module(module, work / "poisoned.pte", min(prefill_chunk, max_seq_len))
     del model, module
     gc.collect()

@@ -37,12 +37,19 @@ holds fixed-length methods over one shared cache (``share_mutable_buffers``): ``
 decode) and, with ``prefill_chunk`` > 1, ``prefill`` (T = prefill_chunk; the op routes the whole
 chunk in one call). :class:`PteRunner` feeds a prompt in whole chunks, then the rest one token per call.
 
-8da4w (int8 dynamic per-token activations, int4 symmetric group-32 weights) re-quantizes the decoded
-weights with torchao's own scales, so its logits differ from the fp32 model by quantization error;
-``quantize=None`` exports fp32 and matches the eager model to float rounding. On x86 the pip
-runtime's ``quantized_moe_ffn`` takes its reference path (unpack the chosen expert, fp32 GEMM), so
-the routed experts see fp32 activations, and it is slow: there the routed program decodes at 0.37-0.58x
-the dense one on tiny shapes despite reading k of E experts (numbers in ``export/README.md``).
+8da4w (int8 dynamic per-token activations, int4 symmetric group-32 weights): for an INT4 checkpoint
+the linears (attention, shared expert, dense FFN, head) carry the checkpoint's own codes and scales
+(:func:`checkpoint_linear_codes`, :func:`quantize_8da4w`), not torchao's re-quantization of their
+decoded values. XNNPACK takes positive group scales only, so a group whose checkpoint scale is
+negative is stored negated with its ``+8`` codes clamped to 7 and :class:`Int4StepCorrection` adds the
+missing step (a small fp32 gather), which keeps the weights exactly the checkpoint's; XNNPACK then
+rounds group scales to bf16 (<= 2^-9 relative) and rounds activations to int8 per token, the error
+that remains (with the routed experts' re-quantization along ``in`` for ``out`` checkpoints).
+Float checkpoints are re-quantized by torchao. ``quantize=None`` exports fp32 and matches the eager
+model to float rounding. On x86 the pip runtime's ``quantized_moe_ffn`` takes its reference path
+(unpack the chosen expert, fp32 GEMM), so the routed experts see fp32 activations, and it is slow:
+there the routed program decodes at 0.37-0.58x the dense one on tiny shapes despite reading k of E
+experts (numbers in ``export/README.md``).
 
 Tested with executorch 1.5.1 + torchao 0.18.0 (installed ``--no-deps``) beside torch 2.13.0; they
 need ``ruamel.yaml`` and ``flatbuffers`` at import.
@@ -468,8 +475,108 @@ def build_static(ckpt: str | os.PathLike, max_seq_len: int = 256, experts: str =
     return static_module(_load(ckpt), max_seq_len, experts, codes)
 
 
-def quantize_8da4w(module: nn.Module, group_size: int = GROUP_SIZE) -> None:
-    """torchao 8da4w in place on every nn.Linear except routers (int8 dynamic activations, int4 group weights)."""
+def checkpoint_linear_codes(ckpt: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Weight name -> the checkpoint's own INT4 codes (int8 [out, in]) and scales (fp32 [out, in/32],
+    signed: group extreme / -8) of every linear the 8da4w program quantizes: attention, shared expert,
+    dense FFN and the output head (``"lm_head.weight"``; the embedding's codes when tied). Names are
+    the model's (``model.layers.0.self_attn.q_proj.weight``). Empty for float checkpoints; tensors
+    grouped other than along ``in`` by 32 are left out (re-quantized by torchao)."""
+    from mobilemoe.checkpoint import load_tensors, quantized_group_dim, quantized_names
+    from mobilemoe.layout import tensor_specs
+
+    cfg, tensors = load_tensors(ckpt, lazy=True)
+    if not cfg.is_quantized:
+        return {}
+    out = {}
+    for spec in tensor_specs(cfg):
+        if spec.role not in ("linear", "lm_head") and not (spec.role == "embedding" and cfg.tie_word_embeddings):
+            continue
+        if quantized_group_dim(cfg, spec) != -1:
+            continue
+        qname, sname = quantized_names(spec)
+        codes, scales = unpack_int4(tensors[qname]), tensors[sname].float()
+        if codes.shape != spec.shape or codes.shape[-1] != scales.shape[-1] * GROUP_SIZE:
+            continue
+        out["lm_head.weight" if spec.role == "embedding" else spec.name] = (codes, scales)
+    return out
+
+
+def xnnpack_int4(codes: torch.Tensor, scales: torch.Tensor, group_size: int = GROUP_SIZE, fit: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checkpoint INT4 (codes [-8, 7], signed scales: group extreme / -8) as int4 weights XNNPACK's
+    blockwise kernels take: it refuses a scale that is not positive (``xnn_status_invalid_parameter``
+    at method load) and ExecuTorch drops per-group zero points. A group with a positive scale stays as
+    it is (exact). A negative one is negated: codes ``-c`` lie in [-7, 8], and ``+8`` (the entries
+    with ``c = -8``, the group's extreme among them) does not fit in int4: it is clamped to 7, one step
+    (``|scale|``) short, which :class:`Int4StepCorrection` adds back; with ``fit`` such a group is
+    instead the least-squares int4 fit of its values (scales amax / d, d in [6, 8], no correction
+    needed, not exact). An all-zero group (scale 0) gets scale 1 (its codes are 0)."""
+    neg = scales < 0
+    grouped = codes.to(torch.int16).unflatten(-1, (-1, group_size))
+    best_c = torch.where(neg.unsqueeze(-1), (-grouped).clamp(max=QMAX), grouped)
+    best_s = scales.abs()
+    if fit:
+        values = grouped.float() * scales.unsqueeze(-1)
+        amax = values.abs().amax(-1)  # = 8 |scale|
+        best_err = ((best_c.float() * best_s.unsqueeze(-1) - values) ** 2).sum(-1)
+        for d in torch.linspace(6.0, 8.0, 33)[:-1].tolist():
+            sc = torch.where(amax > 0, amax / d, torch.ones_like(amax))
+            c = torch.clamp(torch.round(values / sc.unsqueeze(-1)), QMIN, QMAX)
+            err = ((c * sc.unsqueeze(-1) - values) ** 2).sum(-1)
+            better = neg & (err < best_err)
+            best_c = torch.where(better.unsqueeze(-1), c.to(torch.int16), best_c)
+            best_s, best_err = torch.where(better, sc, best_s), torch.where(better, err, best_err)
+    return best_c.flatten(-2).to(torch.int8), torch.where(best_s == 0, torch.ones_like(best_s), best_s)
+
+
+class Int4StepCorrection(nn.Module):
+    """An 8da4w linear plus the step its XNNPACK int4 weights miss (:func:`xnnpack_int4`): for every
+    entry whose checkpoint code is -8 in a group with a negative scale, ``|scale| * x[col]`` (fp32
+    gather over ``idx`` int32 [out, M], ``val`` fp16 [out, M] (the checkpoint's fp16 scale, exact),
+    rows padded with zeros to the longest), so that the program's weights are the checkpoint's values
+    exactly. About one entry per such group: ~1/64 of the linear's MACs, 6 bytes an entry."""
+
+    def __init__(self, linear: nn.Module, idx: torch.Tensor, val: torch.Tensor) -> None:
+        super().__init__()
+        self.linear = linear
+        self.register_buffer("idx", idx)
+        self.register_buffer("val", val)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        picked = x.index_select(-1, self.idx.flatten()).unflatten(-1, tuple(self.idx.shape))
+        return self.linear(x) + (picked * self.val.float()).sum(-1)
+
+    @staticmethod
+    def residual(codes: torch.Tensor, scales: torch.Tensor, group_size: int = GROUP_SIZE
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(idx, val) of the missing steps of :func:`xnnpack_int4`'s exact form (None: there are none)."""
+        miss = (codes == QMIN) & (scales < 0).repeat_interleave(group_size, -1)
+        if not miss.any():
+            return None
+        M = int(miss.sum(-1).max())
+        order = torch.sort(miss.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :M]
+        keep = miss.gather(-1, order)
+        step = (-scales).repeat_interleave(group_size, -1).gather(-1, order)
+        val = torch.where(keep, step, torch.zeros_like(step))
+        half = val.to(torch.float16)  # exact for the checkpoint's fp16 scales; fp32 otherwise
+        return torch.where(keep, order, 0).to(torch.int32), half if torch.equal(half.float(), val) else val
+
+
+def quantize_8da4w(module: nn.Module, group_size: int = GROUP_SIZE,
+                   codes: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                   signed_scales: bool = False, fit: bool = False) -> list[str]:
+    """torchao 8da4w in place on every nn.Linear except routers (int8 dynamic activations, int4 group weights).
+
+    ``codes`` (:func:`checkpoint_linear_codes`; model weight names, resolved under a
+    :class:`StaticMobileMoE`'s ``model``): those linears get the checkpoint's own codes and scales
+    instead of torchao re-quantizing their decoded values, in the form XNNPACK takes
+    (:func:`xnnpack_int4`; zero points 0), each wrapped in :class:`Int4StepCorrection` for the entries
+    that form cannot hold, so the weights are exactly the checkpoint's (XNNPACK then rounds group
+    scales to bf16). ``fit``: least-squares fits instead of the correction (smaller, not exact).
+    ``signed_scales``: the checkpoint's signed scales as they are (exact in PyTorch with no
+    correction, but XNNPACK refuses to load the program: diagnostics only). Each checkpoint weight
+    must decode to the linear's weight bit for bit, else :class:`ExportError`. Returns the fully
+    qualified names of the linears that got checkpoint codes (as they were before wrapping)."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerGroup
 
@@ -478,7 +585,36 @@ def quantize_8da4w(module: nn.Module, group_size: int = GROUP_SIZE) -> None:
     def keep(mod: nn.Module, fqn: str) -> bool:
         return isinstance(mod, nn.Linear) and not fqn.endswith("router") and mod.in_features % group_size == 0
 
+    prefix = "model." if isinstance(module, StaticMobileMoE) else ""
+    chosen = {}
+    if codes and group_size == GROUP_SIZE:
+        for fqn, mod in module.named_modules():
+            if not (keep(mod, fqn) and fqn.startswith(prefix)):
+                continue
+            found = codes.get(fqn[len(prefix):] + ".weight")
+            if found is None:
+                continue
+            if not torch.equal(dequant_along_in(*found), mod.weight.detach().float()):
+                raise ExportError(f"{fqn}: the weight is not the value of the checkpoint's INT4 codes (the program "
+                                  "would mix two models): build it from load_model(ckpt) unchanged")
+            chosen[fqn] = found
     quantize_(module, config, filter_fn=keep)
+    for fqn, (c, sc) in chosen.items():
+        lin = module.get_submodule(fqn)
+        w = lin.weight
+        if tuple(w.qdata.shape) != tuple(c.shape) or tuple(w.scale.shape) != tuple(sc.shape):
+            raise ExportError(f"{fqn}: torchao's int4 weight layout {tuple(w.qdata.shape)} / {tuple(w.scale.shape)} "
+                              f"is not the checkpoint's {tuple(c.shape)} / {tuple(sc.shape)}")
+        qc, qs = (c, sc) if signed_scales else xnnpack_int4(c, sc, fit=fit)
+        with torch.no_grad():
+            w.qdata.copy_(qc)
+            w.scale.copy_(qs.to(w.scale.dtype))
+            w.zero_point.zero_()
+        fix = None if signed_scales or fit else Int4StepCorrection.residual(c, sc)
+        if fix is not None:
+            parent, _, leaf = fqn.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, leaf, Int4StepCorrection(lin, *fix))
+    return list(chosen)
 
 
 PREFILL_CHUNK = 8  # tokens per prefill call; each extra method costs one more lowering at export
@@ -503,8 +639,9 @@ def export_executorch(ckpt: str | os.PathLike, out: str | os.PathLike, max_seq_l
                       quantize: str | None = "8da4w", prefill_chunk: int = PREFILL_CHUNK,
                       experts: str | None = None) -> Path:
     """Write ``out`` (.pte) from a checkpoint: torch.export -> XNNPACK -> ExecuTorch.
-    ``quantize``: "8da4w" (torchao int8-dynamic x int4 group-32 linears; routed experts INT4 through
-    ``quantized_moe_ffn``) or None / "none" (fp32, gathered experts); ``experts``: the dispatch
+    ``quantize``: "8da4w" (torchao int8-dynamic x int4 group-32 linears, an INT4 checkpoint's own codes
+    where it has them; routed experts INT4 through ``quantized_moe_ffn``) or None / "none" (fp32,
+    gathered experts); ``experts``: the dispatch
     (:data:`EXPERT_DISPATCH`, default :func:`default_experts`); ``prefill_chunk``: see :func:`export_module`."""
     _require()
     if quantize not in (None, "none", "8da4w"):
@@ -513,7 +650,7 @@ def export_executorch(ckpt: str | os.PathLike, out: str | os.PathLike, max_seq_l
     experts = experts or default_experts(model, quantize)
     module = static_module(model, max_seq_len, experts, checkpoint_expert_codes(ckpt) if experts == "op" else None)
     if quantize == "8da4w":
-        quantize_8da4w(module)
+        quantize_8da4w(module, codes=checkpoint_linear_codes(ckpt))
     return export_module(module, out, min(prefill_chunk, module.cache.max_len))
 
 
