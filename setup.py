@@ -12,7 +12,7 @@ One torch extension in layers (each file named after what it holds):
     isa_avx2.cpp      -mavx2 -mfma -mf16c
     isa_avx512.cpp    -mavx512f -mavx512bw -mavx512vl -mavx512vnni
     isa_avx512bf16.cpp  -mavx512bf16 (prefill attention, flash_attn.h)
-    isa_amx.cpp       + -mamx-tile -mamx-int8 (prefill GEMMs on AMX tiles where the OS grants them)
+    isa_amx.cpp       + -mavx512bf16 -mamx-tile -mamx-bf16 (prefill GEMMs on AMX-BF16 tiles where the OS grants them)
 (the x86 units only on x86-64; isa_neon{,_dotprod,_i8mm}.cpp only on aarch64). Each ISA unit is compiled with its own flags (``BuildExt`` below) and picked at run time with
 ``__builtin_cpu_supports``, so the wheel builds and runs on a CPU without AVX-512.
 Install with ``pip install --no-build-isolation -e '.[dev]'`` (the CPU torch must be importable).
@@ -35,7 +35,7 @@ ISA_UNITS = {"isa_portable.cpp": []}
 if platform.machine().lower() in ("x86_64", "amd64"):  # elsewhere (e.g. aarch64) only the portable unit
     ISA_UNITS["isa_avx2.cpp"] = ["-mavx2", "-mfma", "-mf16c"]
     ISA_UNITS["isa_avx512.cpp"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"]
-    ISA_UNITS["isa_amx.cpp"] = ISA_UNITS["isa_avx512.cpp"] + ["-mamx-tile", "-mamx-int8"]
+    ISA_UNITS["isa_amx.cpp"] = ISA_UNITS["isa_avx512.cpp"] + ["-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
     ISA_UNITS["isa_avx512bf16.cpp"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-mf16c"]
 elif platform.machine().lower() in ("aarch64", "arm64"):
     # The baseline runs on Armv8.0 (Cortex-A53); i8mm is built for 8.2 + the feature, not 8.6, so

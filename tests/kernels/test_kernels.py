@@ -444,3 +444,61 @@ def test_prefill_attention_rejects_bad_shapes():
     with pytest.raises(RuntimeError, match=r"not available for D=24"):
         K._lib().prefill_attend_kv_head(torch.randn(3, 48), torch.randn(3, 24).half(), torch.randn(3, 24).half(),
                                         2, 0, True)
+
+
+def _amx_or_skip():
+    if "amx" not in K.available_isas():
+        pytest.skip("this CPU (or its OS) does not run the AMX kernels")
+
+
+@pytest.mark.parametrize("n,k,m", [(200, 288, 20), (160, 288, 67), (96, 1056, 300), (2000, 64, 130)])
+def test_amx_prefill_linear_within_its_bound(n, k, m):
+    """AMX's prefill linear (bf16 tiles on the int8 activations, wide calls) against the int8 math
+    in double: bf16(q d) and bf16(code w_scale) are off by <= 2^-8 relative each, so every output
+    within (2^-7 + 2^-15 + (K + 1) 2^-24 (1 + 2^-6)) * sum_k |q d| |W| (tests/kernels/amx_driver.cpp)."""
+    _amx_or_skip()
+    q, s = make_linear(n, k, seed=n + k + m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    x[0, :32] = 0
+    pl = K.PackedLinear.from_quantized(q, s)
+    K.set_isa("amx")
+    try:
+        y = pl(x)
+    finally:
+        K.set_isa(None)
+    xq, w = q8_roundtrip(x).double(), dequantize(q, s).double()
+    exact, mag = xq @ w.T, xq.abs() @ w.abs().T
+    bound = (2 ** -7 + 2 ** -15 + (k + 1) * 2 ** -24 * (1 + 2 ** -6)) * mag + 1e-30
+    assert ((y.double() - exact).abs() <= bound).all(), ((y.double() - exact).abs() / bound).max()
+    assert rel_err(y, R.linear_ref(q, s, x)) < 0.015
+
+
+@pytest.mark.parametrize("T", [16, 67, 300])
+def test_amx_prefill_moe_matches_reference(T):
+    """AMX's fused MoE at prefill: an expert chunk of >= prefill_min_m rows runs on bf16 rows (the
+    expert scale folded into the weights, no int8 rounding of the activations), a smaller one on the
+    int8 path (T = 16: all, 67: some, 300: none); within the int8 path's bounds against the float
+    reference, and once every expert is on bf16 rows closer to it than the AVX-512 int8 path."""
+    _amx_or_skip()
+    E, H, I, S, k = 6, 160, 96, 64, 2
+    gu, dn, shared = make_moe(E, H, I, S, seed=T + 100)
+    moe = K.PackedMoE.from_quantized(gu, dn, shared)
+    g = torch.Generator().manual_seed(T + 101)
+    x = torch.randn(T, H, generator=g)
+    ids = torch.stack([torch.randperm(E - 1, generator=g)[:k] for _ in range(T)])
+    ids[: T // 2, 0] = E - 1  # one expert with many rows, the others with fewer
+    w = torch.rand(T, k, generator=g)
+    ys = {}
+    try:
+        for isa in ("amx", "avx512"):
+            K.set_isa(isa)
+            ys[isa] = moe(x, ids, w)
+    finally:
+        K.set_isa(None)
+    ref = R.moe_ref(x, ids, w, gu, dn, shared)
+    y = ys["amx"]
+    assert rel_err(y, ref) < 0.025, rel_err(y, ref)
+    per_tok = (y - ref).norm(dim=-1) / ref.norm(dim=-1)
+    assert per_tok.max() < 0.05, per_tok.max()
+    if T == 300:
+        assert rel_err(y, ref) < rel_err(ys["avx512"], ref)

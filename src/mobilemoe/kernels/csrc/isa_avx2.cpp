@@ -124,4 +124,5 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 
 extern const mm_kernels mm_kernels_avx2 = {"avx2", "portable", quant_row, gemm, silu_mul,
                                            mm_prep_row_generic, mm_quant_scaled_generic,
-                                           mm_attend_for_portable, mm_router_rows_portable};
+                                           mm_attend_for_portable, mm_router_rows_portable,
+                                           0, 0, nullptr, nullptr};  // no prefill-only entries

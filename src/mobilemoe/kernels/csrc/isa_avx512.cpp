@@ -330,4 +330,4 @@ void router_rows(const float* h, const float* W, int64_t H, int64_t e0, int64_t 
 }  // namespace
 
 extern const mm_kernels mm_kernels_avx512 = {"avx512", "avx512", quant_row, gemm, silu_mul, prep_row, quant_scaled,
-                                             attend_for, router_rows};
+                                             attend_for, router_rows, 0, 0, nullptr, nullptr};  // no prefill-only entries

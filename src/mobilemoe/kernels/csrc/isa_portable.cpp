@@ -123,4 +123,5 @@ void mm_router_rows_portable(const float* h, const float* W, int64_t H, int64_t 
 
 extern const mm_kernels mm_kernels_portable = {"portable", "portable", quant_row, gemm, silu_mul,
                                                mm_prep_row_generic, mm_quant_scaled_generic,
-                                               mm_attend_for_portable, mm_router_rows_portable};
+                                               mm_attend_for_portable, mm_router_rows_portable,
+                                               0, 0, nullptr, nullptr};  // no prefill-only entries

@@ -65,6 +65,25 @@ typedef struct mm_kernels {
   // Router logits of one token: out[e] = h . W[e] (W [E, H] fp32) for e in [e0, e1), each summed in a
   // fixed order; then out[e] = sigmoid(out[e]) when `sigmoid`.
   void (*router_rows)(const float* h, const float* W, int64_t H, int64_t e0, int64_t e1, int sigmoid, float* out);
+
+  // ---- optional entries: a table that leaves them out of its initialiser gets 0 / NULL ----
+  // From prefill_min_m tokens on, linear layers run gemm_tile_block output tiles per gemm call (if
+  // > 0; the operators' default is TILE_BLOCK) and routed experts expert_gemm_bf16 (if not NULL)
+  // for an expert's token chunk; below it (decode) the int8 paths above keep their job shapes. A
+  // gemm that converts a call's activations once per call (AMX) wants wider calls than one that
+  // streams them.
+  int64_t prefill_min_m;
+  int64_t gemm_tile_block;
+  // Routed experts on bf16 activations (else the int8 path above, prep_row + quant_scaled + gemm).
+  // The expert scale rides on the weights instead of the activations, so one bf16 copy of the rows
+  // (rows_to_bf16, round to nearest even) serves every output group:
+  //   out[j*ldo + 16*t + r] = sum_k a_j[k] * code(16t + r, k) * sn[k] * smax[k/32]
+  // for tiles t in [t0, t1) (one output group: t0 = 2g), m rows a_j = a + j*lda (bf16 bits),
+  // srow = the group's scale row [sn (K) | smax (K/32)] (fp16), columns >= n_valid not written.
+  void (*rows_to_bf16)(const float* x, int64_t n, uint16_t* out);
+  void (*expert_gemm_bf16)(const uint8_t* W, int64_t tile_stride, int64_t nkb, const uint16_t* srow, int64_t t0,
+                           int64_t t1, const uint16_t* a, int64_t lda, int64_t m, float* out, int64_t ldo,
+                           int64_t n_valid);
 } mm_kernels;
 
 // The portable attention and router (isa_portable.cpp), which the other units fall back to.

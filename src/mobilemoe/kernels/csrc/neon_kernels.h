@@ -420,4 +420,5 @@ MM_DEFINE_GEMM_4
 // vector_isa "neon" in all three: the non-GEMM kernels (activations, SwiGLU, attention, router) are
 // baseline Armv8.0 Advanced SIMD, the same code in every variant.
 extern const mm_kernels MM_NEON_TABLE = {MM_NEON_NAME, "neon", quant_row, gemm, silu_mul, prep_row,
-                                        quant_scaled, attend_for, router_rows};
+                                        quant_scaled, attend_for, router_rows,
+                                        0, 0, nullptr, nullptr};  // no prefill-only entries

@@ -38,14 +38,15 @@ void linear_jobs(const mm_kernels* k, const uint8_t* W, int64_t tile_stride, int
                  int64_t M, float* out, int64_t ldo) {
   const int64_t nkb = K / MM_QK;
   const int64_t ntiles = (N + MM_TILE - 1) / MM_TILE;
-  const int64_t ntb = (ntiles + TILE_BLOCK - 1) / TILE_BLOCK;
+  const int64_t tb_tiles = linear_tile_block(k, M, ntiles);
+  const int64_t ntb = (ntiles + tb_tiles - 1) / tb_tiles;
   const int64_t nch = (M + TOKEN_CHUNK - 1) / TOKEN_CHUNK;
   const int64_t njobs = ntb * nch;
   const double work = (double)ntiles * tile_stride + (double)M * N * K / 12.0;
   run_jobs(njobs, workers_for(njobs, work), [&](int64_t j, int) {
     const int64_t c = j / ntb, tb = j % ntb;
     const int64_t m0 = c * TOKEN_CHUNK, m1 = std::min(M, m0 + TOKEN_CHUNK);
-    const int64_t t0 = tb * TILE_BLOCK, t1 = std::min(ntiles, t0 + TILE_BLOCK);
+    const int64_t t0 = tb * tb_tiles, t1 = std::min(ntiles, t0 + tb_tiles);
     k->gemm(W, tile_stride, nkb, 1, t0, t1, a.q.data() + m0 * K, a.d.data() + m0 * nkb, a.s.data() + m0 * nkb,
             m1 - m0, out + m0 * ldo, ldo, N);
   });

@@ -97,6 +97,17 @@ void expert_group(const mm_kernels* k, const ExpertSet& X, int64_t e, int64_t g,
           sc.s.data(), m, out + r0 * ldo, ldo, X.out);
 }
 
+// The same job on bf16 rows (mm_kernels.expert_gemm_bf16): a = the bf16 copy of all R rows [R, in],
+// made once per stage, in which rows [r0, r1) are this expert's. Nothing per row and group here:
+// the group's scales go into the weights inside the kernel.
+void expert_group_bf16(const mm_kernels* k, const ExpertSet& X, int64_t e, int64_t g, const uint16_t* a, int64_t r0,
+                       int64_t r1, float* out, int64_t ldo) {
+  const uint16_t* sn = X.scales + (e * X.G + g) * X.scale_row;
+  for (int64_t off = 0; off < X.scale_row * 2; off += 64) __builtin_prefetch((const char*)(sn + X.scale_row) + off);
+  k->expert_gemm_bf16(X.codes + e * X.expert_bytes, X.tile_stride, X.nkb, sn, 2 * g, 2 * g + 2, a + r0 * X.in, X.in,
+                      r1 - r0, out + r0 * ldo, ldo, X.out);
+}
+
 // ---- the fused MoE layer -------------------------------------------------------------------------
 
 enum class JobKind : int8_t { routed_group, shared_tiles };
@@ -115,6 +126,7 @@ struct MoEWorkspace {
   std::vector<Job> jobs;
   std::vector<Scratch> scratch;  // one per worker
   std::vector<float> gu, sgu, h, hs, y, ys;
+  std::vector<uint16_t> xb, hb;  // bf16 rows for expert_gemm_bf16: x gathered per routed row, h
   QAct xq, hq;
   RowPrep xr, hr;
 };
@@ -152,7 +164,8 @@ void group_by_expert(const int64_t* ids, int64_t A, int64_t kk, int64_t E, MoEWo
 
 // One stage's jobs: every chosen expert's `groups` output groups per token chunk, then the shared
 // linear's tile blocks (of `sh_tiles` tiles) per token chunk.
-int64_t build_jobs(MoEWorkspace& ws, int64_t E, int64_t T, int64_t groups, bool shared, int64_t sh_tiles) {
+int64_t build_jobs(MoEWorkspace& ws, int64_t E, int64_t T, int64_t groups, bool shared, int64_t sh_tiles,
+                   int64_t sh_block) {
   const int64_t* offs = ws.offs.data();
   ws.jobs.clear();
   for (int64_t e = 0; e < E; ++e)
@@ -161,16 +174,16 @@ int64_t build_jobs(MoEWorkspace& ws, int64_t E, int64_t T, int64_t groups, bool 
         ws.jobs.push_back({JobKind::routed_group, e, g, a0, std::min(offs[e + 1], a0 + TOKEN_CHUNK)});
   if (shared)
     for (int64_t m0 = 0; m0 < T; m0 += TOKEN_CHUNK)
-      for (int64_t t0 = 0; t0 < sh_tiles; t0 += TILE_BLOCK)
+      for (int64_t t0 = 0; t0 < sh_tiles; t0 += sh_block)
         ws.jobs.push_back({JobKind::shared_tiles, 0, t0, m0, std::min(T, m0 + TOKEN_CHUNK)});
   return (int64_t)ws.jobs.size();
 }
 
-// The shared linear's tiles [g, g + TILE_BLOCK) for tokens [a0, a1) of activations `a` [T, K].
+// The shared linear's tiles [g, g + sh_block) for tokens [a0, a1) of activations `a` [T, K].
 void shared_tiles(const mm_kernels* k, const at::Tensor& W, int64_t N, int64_t K, const QAct& a, const Job& jb,
-                  float* out) {
+                  int64_t sh_block, float* out) {
   const int64_t nkb = K / MM_QK, tiles = (N + MM_TILE - 1) / MM_TILE;
-  k->gemm(W.data_ptr<uint8_t>(), W.size(1), nkb, 1, jb.g, std::min(tiles, jb.g + TILE_BLOCK), a.q.data() + jb.a0 * K,
+  k->gemm(W.data_ptr<uint8_t>(), W.size(1), nkb, 1, jb.g, std::min(tiles, jb.g + sh_block), a.q.data() + jb.a0 * K,
           a.d.data() + jb.a0 * nkb, a.s.data() + jb.a0 * nkb, jb.a1 - jb.a0, out + jb.a0 * N, N, N);
 }
 
@@ -248,9 +261,23 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& wei
   group_by_expert(ids.data_ptr<int64_t>(), T * kk, kk, E, ws);
   const int64_t* offs = ws.offs.data();
   const float* xp = x.data_ptr<float>();
-  if (shared) quantize_rows(k, xp, T, H, ws.xq);
-  prep_rows(k, xp, T, H, ws.xr);
   const int64_t R = offs[E];  // routed rows (assignments kept)
+  // An expert's token chunk of at least prefill_min_m rows runs on bf16 rows (where the kernels have
+  // expert_gemm_bf16), a smaller one (decode) on the int8 path; each preparation only if used.
+  const bool has_bf16 = k->expert_gemm_bf16 != nullptr && k->prefill_min_m > 0;
+  auto on_bf16 = [&](const Job& jb) { return has_bf16 && jb.a1 - jb.a0 >= k->prefill_min_m; };
+  bool need_q = false, need_b = false;
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t a0 = offs[e]; a0 < offs[e + 1]; a0 += TOKEN_CHUNK) {
+      const bool b = on_bf16({JobKind::routed_group, e, 0, a0, std::min(offs[e + 1], a0 + TOKEN_CHUNK)});
+      need_b |= b;
+      need_q |= !b;
+    }
+  if (shared) quantize_rows(k, xp, T, H, ws.xq);
+  if (need_q) prep_rows(k, xp, T, H, ws.xr);
+  uint16_t* xb = need_b ? sized(ws.xb, R * H) : nullptr;
+  if (need_b)
+    run_row_jobs(R, 16, 2.0 * R * H, [&](int64_t p) { k->rows_to_bf16(xp + ws.token_of[p] * H, H, xb + p * H); });
   int64_t active = 0;
   for (int64_t e = 0; e < E; ++e) active += offs[e + 1] > offs[e];
   // Work estimate of the whole layer (decides one thread vs all): bytes of the chosen experts and
@@ -263,19 +290,25 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& wei
   // Stage 1: every chosen expert's gate_up (per output group) and the shared gate_up.
   float* gu = sized(ws.gu, R * 2 * I);
   float* sgu = sized(ws.sgu, shared ? T * 2 * S : 0);
-  int64_t njobs = build_jobs(ws, E, T, GU.G, shared, (2 * S + MM_TILE - 1) / MM_TILE);
+  const int64_t gu_tiles = (2 * S + MM_TILE - 1) / MM_TILE, dn_tiles = (H + MM_TILE - 1) / MM_TILE;
+  const int64_t gu_block = linear_tile_block(k, T, gu_tiles), dn_block = linear_tile_block(k, T, dn_tiles);
+  int64_t njobs = build_jobs(ws, E, T, GU.G, shared, gu_tiles, gu_block);
   run_jobs(njobs, workers_for(njobs, work), [&](int64_t j, int w) {
     const Job& jb = ws.jobs[j];
-    if (jb.kind == JobKind::routed_group)
+    if (jb.kind == JobKind::routed_group && on_bf16(jb))
+      expert_group_bf16(k, GU, jb.e, jb.g, xb, jb.a0, jb.a1, gu, 2 * I);
+    else if (jb.kind == JobKind::routed_group)
       expert_group(k, GU, jb.e, jb.g, ws.xr, ws.token_of.data(), jb.a0, jb.a1, gu, 2 * I, ws.scratch[w]);
     else
-      shared_tiles(k, sh_gu, 2 * S, H, ws.xq, jb, sgu);
+      shared_tiles(k, sh_gu, 2 * S, H, ws.xq, jb, gu_block, sgu);
   });
 
   // SwiGLU activations, prepared for stage 2.
   float* h = sized(ws.h, R * I);
   swiglu_into(k, gu, R, I, h);
-  prep_rows(k, h, R, I, ws.hr);
+  if (need_q) prep_rows(k, h, R, I, ws.hr);
+  uint16_t* hb = need_b ? sized(ws.hb, R * I) : nullptr;
+  if (need_b) run_row_jobs(R, 16, 2.0 * R * I, [&](int64_t p) { k->rows_to_bf16(h + p * I, I, hb + p * I); });
   if (shared) {
     float* hs = sized(ws.hs, T * S);
     swiglu_into(k, sgu, T, S, hs);
@@ -285,13 +318,15 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& wei
   // Stage 2: down projections.
   float* y = sized(ws.y, R * H);
   float* ys = sized(ws.ys, shared ? T * H : 0);
-  njobs = build_jobs(ws, E, T, DN.G, shared, (H + MM_TILE - 1) / MM_TILE);
+  njobs = build_jobs(ws, E, T, DN.G, shared, dn_tiles, dn_block);
   run_jobs(njobs, workers_for(njobs, work), [&](int64_t j, int w) {
     const Job& jb = ws.jobs[j];
-    if (jb.kind == JobKind::routed_group)
+    if (jb.kind == JobKind::routed_group && on_bf16(jb))
+      expert_group_bf16(k, DN, jb.e, jb.g, hb, jb.a0, jb.a1, y, H);
+    else if (jb.kind == JobKind::routed_group)
       expert_group(k, DN, jb.e, jb.g, ws.hr, nullptr, jb.a0, jb.a1, y, H, ws.scratch[w]);
     else
-      shared_tiles(k, sh_dn, H, S, ws.hq, jb, ys);
+      shared_tiles(k, sh_dn, H, S, ws.hq, jb, dn_block, ys);
   });
 
   combine(y, shared ? ys : nullptr, weights.data_ptr<float>(), ws.slot_of.data(), T, kk, H, out.data_ptr<float>());

@@ -12,7 +12,21 @@
 namespace mobilemoe_ops {
 
 constexpr int64_t TOKEN_CHUNK = 128;  // tokens per job: the activations of a chunk stay in L2
-constexpr int64_t TILE_BLOCK = 4;    // 16-row tiles per linear job
+constexpr int64_t TILE_BLOCK = 4;    // 16-row tiles per linear job (unless the kernels ask for more)
+
+// 16-row tiles per linear job for M tokens over `ntiles` tiles: the kernels' gemm_tile_block from
+// their prefill_min_m tokens on (halved while that would leave fewer than 4 jobs per thread), else
+// TILE_BLOCK (decode keeps its job shapes).
+inline int64_t linear_tile_block(const mm_kernels* k, int64_t M, int64_t ntiles) {
+  int64_t tb = TILE_BLOCK;
+  if (k->gemm_tile_block > TILE_BLOCK && M >= k->prefill_min_m) {
+    const int64_t nch = (M + TOKEN_CHUNK - 1) / TOKEN_CHUNK, want = 4 * (int64_t)at::get_num_threads();
+    tb = k->gemm_tile_block;
+    while (tb > TILE_BLOCK && nch * ((ntiles + tb - 1) / tb) < want) tb /= 2;
+    if (tb < TILE_BLOCK) tb = TILE_BLOCK;
+  }
+  return tb;
+}
 
 // The current ISA's kernel table (dispatch.h's cached decision).
 const mm_kernels* kernels();
