@@ -428,29 +428,26 @@ int sweep() {
   std::mt19937 rng(9);
   const int64_t K = 768;
   const Packed p = make_packed(rng, 2, K / 32, 0);
-  std::printf("expert group (2 tiles, K=768, wscaled=0), best of 301:   m  amx us  vnni us  speedup\n");
-  for (int64_t m : {4, 8, 12, 15, 16, 17, 20, 24, 32, 48, 64, 128}) {
-    const Act a = make_act(rng, m, K / 32);
-    std::vector<float> out(m * 32);
-    const Timing t = alternate(301, [&](const mm_kernels& k) {
-      for (int i = 0; i < 20; ++i)
-        k.gemm(p.data(), p.stride, p.nkb, 0, 0, 2, a.q.data(), a.d.data(), a.s.data(), m, out.data(), 32, 32);
-    });
-    std::printf("%60ld %7.2f %8.2f %7.2fx\n", (long)m, t.amx_min / 20 * 1e6, t.vnni_min / 20 * 1e6, t.vnni_min / t.amx_min);
-  }
-  {
-    const Packed pl = make_packed(rng, 16, K / 32, 0);
-    std::printf("linear call (16 tiles, K=768, wscaled=1), best of 101:                    m  amx us  vnni us  speedup\n");
-    for (int64_t m : {4, 8, 12, 16, 24, 32, 48}) {
+  // AMX vs VNNI gemm on `tiles` output tiles of one packed weight for each token count in `ms`.
+  auto crossover = [&](const char* what, int64_t tiles, int wscaled, std::initializer_list<int64_t> ms, int best_of,
+                       int calls) {
+    const Packed pk = make_packed(rng, tiles, K / 32, 0);
+    std::printf("%s, best of %d:   m  amx us  vnni us  speedup\n", what, best_of);
+    for (int64_t m : ms) {
       const Act a = make_act(rng, m, K / 32);
-      std::vector<float> out(m * 256);
-      const Timing t = alternate(101, [&](const mm_kernels& k) {
-        for (int i = 0; i < 5; ++i)
-          k.gemm(pl.data(), pl.stride, pl.nkb, 1, 0, 16, a.q.data(), a.d.data(), a.s.data(), m, out.data(), 256, 256);
+      const int64_t n = tiles * 16;
+      std::vector<float> out(m * n);
+      const Timing t = alternate(best_of, [&](const mm_kernels& k) {
+        for (int i = 0; i < calls; ++i)
+          k.gemm(pk.data(), pk.stride, pk.nkb, wscaled, 0, tiles, a.q.data(), a.d.data(), a.s.data(), m, out.data(),
+                 n, n);
       });
-      std::printf("%78ld %7.2f %8.2f %7.2fx\n", (long)m, t.amx_min / 5 * 1e6, t.vnni_min / 5 * 1e6, t.vnni_min / t.amx_min);
+      std::printf("%8ld %7.2f %8.2f %7.2fx\n", (long)m, t.amx_min / calls * 1e6, t.vnni_min / calls * 1e6,
+                  t.vnni_min / t.amx_min);
     }
-  }
+  };
+  crossover("expert group (2 tiles, K=768, wscaled=0)", 2, 0, {4, 8, 12, 15, 16, 17, 20, 24, 32, 48, 64, 128}, 301, 20);
+  crossover("linear call (16 tiles, K=768, wscaled=1)", 16, 1, {4, 8, 12, 16, 24, 32, 48}, 101, 5);
   std::printf("expert stage (K=768, 24 groups): bf16 path vs int8 VNNI path, best of 101:   m  bf16 us  int8 us  speedup\n");
   for (int64_t m : {1, 2, 4, 8, 12, 16, 24, 32}) {
     ExpertStage st(rng, m, K, 768);
