@@ -52,13 +52,6 @@ from pathlib import Path
 import numpy as np
 
 
-def register_moe_kernel() -> None:
-    """Load ExecuTorch's llama custom-op library: it registers ``llama::quantized_moe_ffn.out`` for the
-    runtime too, without which a fresh process cannot load the routed program's methods ("Missing
-    operator"); an export in the same process has loaded it already."""
-    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
-
-
 def ckpt_bytes(ckpt: Path) -> int:
     return sum(p.stat().st_size for p in Path(ckpt).glob("*.safetensors"))
 
@@ -85,12 +78,6 @@ def truncate_checkpoint(ckpt: Path, layers: int, out: Path) -> Path:
 
 
 # ---------------------------------------------------------------------- poisoned experts
-def _moe_blocks(model):
-    from mobilemoe.moe import MoEBlock
-
-    return [layer.feed_forward for layer in model.model.layers if isinstance(layer.feed_forward, MoEBlock)]
-
-
 def _near_topk(sel, k: int, margin: float) -> set[int]:
     """Experts within ``margin`` of some row's k-th best selection score (the top k included)."""
     import torch
@@ -107,6 +94,7 @@ def chosen_experts(ckpt: Path, ids: list[int], max_seq_len: int, margin: float) 
 
     from mobilemoe.checkpoint import load_model
     from mobilemoe.export.executorch import QuantizedMoE, checkpoint_linear_codes, quantize_8da4w, static_module
+    from mobilemoe.train.balance import moe_blocks
 
     model = load_model(ckpt, dtype=torch.float32).eval()
     k = model.config.num_experts_per_tok
@@ -114,7 +102,7 @@ def chosen_experts(ckpt: Path, ids: list[int], max_seq_len: int, margin: float) 
         out = model(torch.tensor([ids]), return_router=True)
     exact = [set(r.expert_ids.flatten().tolist()) for r in out.router]
     union = [set(s) for s in exact]
-    for i, (r, block) in enumerate(zip(out.router, _moe_blocks(model))):  # near ties of the exact routing
+    for i, (r, block) in enumerate(zip(out.router, moe_blocks(model))):  # near ties of the exact routing
         logits = r.logits.reshape(-1, r.logits.shape[-1]).float()
         scores = torch.sigmoid(logits) if model.config.router_type == "sigmoid" else torch.softmax(logits, -1)
         union[i] |= _near_topk(scores + block.expert_bias.float(), k, margin)
@@ -147,14 +135,16 @@ def poisoned_check(ckpt: Path, clean_pte: Path, work: Path, ids: list[int], max_
     from mobilemoe.checkpoint import load_model
     from mobilemoe.export.executorch import (PteRunner, checkpoint_expert_codes, checkpoint_linear_codes,
                                              export_module, quantize_8da4w, static_module)
+    from mobilemoe.train.balance import moe_blocks
 
     if checkpoint_expert_codes(ckpt):
         return {"skipped": "code-exact ('in'-axis) checkpoint: the export refuses experts that are not its codes"}
     chosen, added = chosen_experts(ckpt, ids, max_seq_len, margin)
     model = load_model(ckpt, dtype=torch.float32).eval()
+    n_experts = model.config.num_local_experts
     poisoned_per_layer = []
     with torch.no_grad():
-        for block, used in zip(_moe_blocks(model), chosen):
+        for block, used in zip(moe_blocks(model), chosen):
             bad = [e for e in range(block.experts.gate_up_proj.shape[0]) if e not in used]
             for e in bad:
                 block.experts.gate_up_proj[e] = float("nan")
@@ -168,16 +158,10 @@ def poisoned_check(ckpt: Path, clean_pte: Path, work: Path, ids: list[int], max_
     clean = PteRunner(clean_pte)(ids, 0)
     got = PteRunner(path)(ids, 0)
     return {"prompt_tokens": len(ids), "poisoned_per_layer": poisoned_per_layer,
-            "poisoned_total": sum(poisoned_per_layer), "experts_per_layer": int(model_experts(ckpt)),
+            "poisoned_total": sum(poisoned_per_layer), "experts_per_layer": n_experts,
             "added_by_8da4w_routing_or_margin": added, "tie_margin": margin,
             "finite": bool(torch.isfinite(got).all()), "bit_equal_to_unpoisoned": bool(torch.equal(got, clean)),
             "max_abs_vs_unpoisoned": float((got - clean).abs().max())}
-
-
-def model_experts(ckpt: Path) -> int:
-    from mobilemoe.config import MobileMoEConfig
-
-    return MobileMoEConfig.from_json(Path(ckpt) / "config.json").num_local_experts
 
 
 # ---------------------------------------------------------------------- bytes, fidelity, speed
@@ -216,26 +200,12 @@ def _split(positions: int, seq_len: int) -> list[int]:
     return [positions // n + (i < positions % n) for i in range(n)]
 
 
-def reference_logits(ckpt: Path, seqs: list[list[int]]) -> list[np.ndarray]:
-    import torch
-
-    from mobilemoe.checkpoint import load_model
-
-    model = load_model(ckpt).eval()
-    with torch.no_grad():
-        out = [model(torch.tensor([s])).logits[0].float().numpy() for s in seqs]
-    del model
-    gc.collect()
-    return out
-
-
 def pte_logits(pte: Path, s: list[int]) -> tuple[np.ndarray, int]:
     """The first half (whole prefill chunks) through ``prefill``, the rest one token per ``forward``."""
     import torch
 
     from mobilemoe.export.executorch import PteRunner
 
-    register_moe_kernel()
     runner = PteRunner(pte)
     n_pre = len(s) // 2 // runner.chunk * runner.chunk
     parts = [runner(s[:n_pre], 0)] if n_pre else []
@@ -243,13 +213,8 @@ def pte_logits(pte: Path, s: list[int]) -> tuple[np.ndarray, int]:
     return torch.cat(parts).float().numpy(), n_pre
 
 
-def engine_logits(engine, s: list[int]) -> np.ndarray:
-    engine.reset()
-    return np.stack([engine.decode(t).float().numpy() for t in s])
-
-
 def fidelity_rows(ckpt: Path, pte: Path, seqs, max_seq_len: int) -> dict:
-    from mobilemoe.eval.logit_agreement import fidelity, max_abs, paired_top1
+    from mobilemoe.eval.logit_agreement import fidelity, max_abs, paired_top1, reference_logits, stepwise_logits
     from mobilemoe.runtime import Engine
 
     ref = reference_logits(ckpt, seqs)
@@ -257,7 +222,7 @@ def fidelity_rows(ckpt: Path, pte: Path, seqs, max_seq_len: int) -> dict:
     pte_l = [g for g, _ in got]
     dec_err = max(float(np.abs(r[n:] - g[n:]).max()) for r, (g, n) in zip(ref, got) if n < len(r))
     engine = Engine.load(ckpt, max_seq_len=max_seq_len)
-    nat_l = [engine_logits(engine, s) for s in seqs]
+    nat_l = [stepwise_logits(engine, s) for s in seqs]
     native, native_agree = fidelity(ref, nat_l)
     native.update(max_abs=max_abs(ref, nat_l), backend=type(engine.backend).__name__)
     pte_row, pte_agree = fidelity(ref, pte_l)
@@ -290,7 +255,6 @@ def speed(ckpt: Path, pte: Path, max_seq_len: int, prompt: int, gen: int, reps: 
 
     from mobilemoe.runtime import Engine
 
-    register_moe_kernel()
     torch.set_num_threads(threads)
     portable_lib._unsafe_reset_threadpool(threads)
     engines = {"pte": Engine.load(pte, max_seq_len=max_seq_len), "native": Engine.load(ckpt, max_seq_len=max_seq_len)}

@@ -33,26 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mobilemoe.eval.logit_agreement import fidelity, paired_top1
+from mobilemoe.eval.logit_agreement import fidelity, paired_top1, reference_logits, stepwise_logits
 
 
 def ckpt_bytes(ckpt: Path) -> int:
     return sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
-
-
-def reference_logits(ckpt: Path, seqs: list[list[int]]) -> list[np.ndarray]:
-    import torch
-
-    from mobilemoe.checkpoint import load_model
-
-    model = load_model(ckpt).eval()
-    with torch.no_grad():
-        return [model(torch.tensor([s])).logits[0].float().numpy() for s in seqs]
-
-
-def engine_logits(engine, s: list[int]) -> np.ndarray:
-    engine.reset()
-    return np.stack([engine.decode(t).float().numpy() for t in s])
 
 
 def measure_type(ckpt: Path, work: Path, gtype: str, seqs, ref, native_agree, args) -> dict:
@@ -88,7 +73,7 @@ def measure_engine(ckpt: Path, seqs, ref, args) -> tuple[dict, np.ndarray]:
 
     engine = Engine.load(ckpt, max_seq_len=max(len(seqs[0]), args.prompt + args.gen) + 8)
     row = {"backend": type(engine.backend).__name__, "size_x": 1.0}
-    numbers, agree = fidelity(ref, [engine_logits(engine, s) for s in seqs])
+    numbers, agree = fidelity(ref, [stepwise_logits(engine, s) for s in seqs])
     row.update(numbers)
     if args.reps == 0:
         return row, agree

@@ -157,12 +157,6 @@ def choose_tokens(vocab: int, hours: float, rate: dict[str, float], done: set[st
     raise SystemExit(f"even {TOKEN_LADDER[-1]:.3g} tokens needs more than --hours {hours:g}; raise --hours")
 
 
-def interp_loglog(x: float, pts: list[tuple[float, float]]) -> tuple[float, bool]:
-    """Log-log interpolation of ``pts`` [(x, y)] at ``x`` (extrapolates from the end pair, flagged)."""
-    y, _, extrap = interp_loglog_se(x, [(px, py, None) for px, py in pts])
-    return y, extrap
-
-
 def interp_loglog_se(x: float, pts: list[tuple[float, float, float | None]]
                      ) -> tuple[float, float | None, bool]:
     """Log-log interpolation of ``pts`` [(x, y, se of y)] at ``x``: (y, its standard error, extrapolated).
@@ -181,6 +175,11 @@ def interp_loglog_se(x: float, pts: list[tuple[float, float, float | None]]
     if s0 is None or s1 is None:
         return y, None, extrap
     return y, y * math.hypot((1 - t) * s0 / y0, t * s1 / y1), extrap
+
+
+def _combined_se(a: float | None, b: float | None) -> float | None:
+    """The SE of a difference of two independent estimates (None when either has none)."""
+    return None if a is None or b is None else math.hypot(a, b)
 
 
 def verdict(diff: float, se: float | None, z: float = 2.0) -> str:
@@ -210,7 +209,7 @@ def compare(rows: list[dict]) -> dict:
                     entry[name] = {"loss": r["loss"], "se": r.get("se"), "n": r.get("n", 1),
                                    "active_M": r["n_act"] / 1e6, "int4_MB": r["int4_bytes"] / 1e6}
                     if base is not None and r is not base:
-                        diff, se = _diff(r, base)
+                        diff, se = r["loss"] - base["loss"], _combined_se(r.get("se"), base.get("se"))
                         entry[name].update(minus_dense=diff, minus_dense_se=se, verdict=verdict(diff, se))
             out["matched_active"].append(entry)
         pts = [(r["int4_bytes"], r["loss"], r.get("se")) for r in dense]
@@ -219,7 +218,7 @@ def compare(rows: list[dict]) -> dict:
                 continue
             dense_loss, dense_se, extrap = interp_loglog_se(r["int4_bytes"], pts)
             diff = r["loss"] - dense_loss
-            se = None if dense_se is None or r.get("se") is None else math.hypot(r["se"], dense_se)
+            se = _combined_se(r.get("se"), dense_se)
             out["matched_memory"].append({
                 "tokens": tokens, "family": FAMILY_NAMES.get(r["family"], r["family"]), "d_model": r["d_model"],
                 "int4_MB": r["int4_bytes"] / 1e6, "moe_loss": r["loss"], "moe_se": r.get("se"),
@@ -227,11 +226,6 @@ def compare(rows: list[dict]) -> dict:
                 "moe_minus_dense": diff, "moe_minus_dense_se": se, "verdict": verdict(diff, se),
                 "dense_extrapolated": extrap})
     return out
-
-
-def _diff(r: dict, base: dict) -> tuple[float, float | None]:
-    se = None if r.get("se") is None or base.get("se") is None else math.hypot(r["se"], base["se"])
-    return r["loss"] - base["loss"], se
 
 
 TIERS = ("mobilemoe-s", "mobilemoe-m", "mobilemoe-l")

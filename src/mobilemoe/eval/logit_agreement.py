@@ -2,7 +2,8 @@
 
 Shared by the export benchmarks (``benchmarks/export_llamacpp.py``, ``benchmarks/export_executorch.py``):
 KL(softmax(ref) || softmax(got)), top-1 agreement, max abs difference, and the paired top-1 difference
-of two runtimes on the same positions. Numpy in, plain floats out.
+of two runtimes on the same positions (numpy in, plain floats out); and the two ways those benchmarks
+produce logits to compare: the exact float forward of a checkpoint and a runtime fed one token a step.
 """
 
 from __future__ import annotations
@@ -46,3 +47,25 @@ def paired_top1(agree: np.ndarray, base: np.ndarray, name: str = "native") -> di
     d = agree.astype(np.float64) - base.astype(np.float64)
     se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
     return {f"top1_minus_{name}_pts": round(100 * float(d.mean()), 2), "paired_se_pts": round(100 * se, 2)}
+
+
+def reference_logits(ckpt, seqs: list[list[int]]) -> list[np.ndarray]:
+    """``load_model(ckpt)``'s exact float forward of each sequence: float32 [T, V] per sequence."""
+    import gc
+
+    import torch
+
+    from mobilemoe.checkpoint import load_model
+
+    model = load_model(ckpt).eval()
+    with torch.no_grad():
+        out = [model(torch.tensor([s])).logits[0].float().numpy() for s in seqs]
+    del model
+    gc.collect()  # the caller's next runtime often needs the memory
+    return out
+
+
+def stepwise_logits(engine, ids: list[int]) -> np.ndarray:
+    """A :class:`mobilemoe.runtime.Engine`'s logits [T, V] fed ``ids`` one token per step from a reset."""
+    engine.reset()
+    return np.stack([engine.decode(t).float().numpy() for t in ids])

@@ -262,17 +262,17 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& wei
   const int64_t* offs = ws.offs.data();
   const float* xp = x.data_ptr<float>();
   const int64_t R = offs[E];  // routed rows (assignments kept)
-  // An expert's token chunk of at least prefill_min_m rows runs on bf16 rows (where the kernels have
-  // expert_gemm_bf16), a smaller one (decode) on the int8 path; each preparation only if used.
+  // Stage 1's jobs (they depend only on the grouping). An expert's token chunk of at least
+  // prefill_min_m rows runs on bf16 rows (where the kernels have expert_gemm_bf16), a smaller one
+  // (decode) on the int8 path; each preparation runs only if some job uses it.
+  const int64_t gu_tiles = (2 * S + MM_TILE - 1) / MM_TILE, dn_tiles = (H + MM_TILE - 1) / MM_TILE;
+  const int64_t gu_block = linear_tile_block(k, T, gu_tiles), dn_block = linear_tile_block(k, T, dn_tiles);
+  int64_t njobs = build_jobs(ws, E, T, GU.G, shared, gu_tiles, gu_block);
   const bool has_bf16 = k->expert_gemm_bf16 != nullptr && k->prefill_min_m > 0;
   auto on_bf16 = [&](const Job& jb) { return has_bf16 && jb.a1 - jb.a0 >= k->prefill_min_m; };
   bool need_q = false, need_b = false;
-  for (int64_t e = 0; e < E; ++e)
-    for (int64_t a0 = offs[e]; a0 < offs[e + 1]; a0 += TOKEN_CHUNK) {
-      const bool b = on_bf16({JobKind::routed_group, e, 0, a0, std::min(offs[e + 1], a0 + TOKEN_CHUNK)});
-      need_b |= b;
-      need_q |= !b;
-    }
+  for (const Job& jb : ws.jobs)
+    if (jb.kind == JobKind::routed_group) (on_bf16(jb) ? need_b : need_q) = true;
   if (shared) quantize_rows(k, xp, T, H, ws.xq);
   if (need_q) prep_rows(k, xp, T, H, ws.xr);
   uint16_t* xb = need_b ? sized(ws.xb, R * H) : nullptr;
@@ -290,9 +290,6 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& wei
   // Stage 1: every chosen expert's gate_up (per output group) and the shared gate_up.
   float* gu = sized(ws.gu, R * 2 * I);
   float* sgu = sized(ws.sgu, shared ? T * 2 * S : 0);
-  const int64_t gu_tiles = (2 * S + MM_TILE - 1) / MM_TILE, dn_tiles = (H + MM_TILE - 1) / MM_TILE;
-  const int64_t gu_block = linear_tile_block(k, T, gu_tiles), dn_block = linear_tile_block(k, T, dn_tiles);
-  int64_t njobs = build_jobs(ws, E, T, GU.G, shared, gu_tiles, gu_block);
   run_jobs(njobs, workers_for(njobs, work), [&](int64_t j, int w) {
     const Job& jb = ws.jobs[j];
     if (jb.kind == JobKind::routed_group && on_bf16(jb))
