@@ -94,8 +94,8 @@ def test_llamacpp_q4_0_of_in_axis_checkpoint_tracks_the_int4_forward(axis_ckpts,
     forward of that same checkpoint (load_model, fp32).
 
     `in`: the weights are bit-exact (test above), so what is left is llama.cpp's own arithmetic: its
-    CPU Q4_0 matmuls round every activation to 8 bits (Q8_0 blocks of 32), which no float reference
-    reproduces; measured (48 positions, 4 layers): median per-position max |logit diff| 6.4e-3, last
+    CPU Q4_0 matmuls round every activation to 8 bits (Q8_0 blocks of 32; reproduced to float
+    rounding by the tests below); against the plain float forward, measured (48 positions, 4 layers): median per-position max |logit diff| 6.4e-3, last
     position of a batched prefill 7.2e-3 (f32 GGUF of the same checkpoint: 7e-7). The max over all
     positions (~5e-2) is a near-tie top-k choice flipped by that rounding, in either export.
     `out`: the routed experts are re-quantized on top: median 1.75e-2, batched 2.4e-2, 2.7x worse.
@@ -119,34 +119,71 @@ def test_llamacpp_q4_0_of_in_axis_checkpoint_tracks_the_int4_forward(axis_ckpts,
 
 
 ONE_KIND = {  # a kind of Q4_0 weight (GGUF names) -> the reference modules whose inputs it rounds
-    "routed experts": (lambda n: "_exps" in n, "experts"),
-    "shared expert": (lambda n: "_shexp" in n, "shared_expert"),
-    "attention output": (lambda n: n.endswith("attn_output.weight"), "o_proj"),
-    "output head": (lambda n: n == "output.weight", "head"),
+    "routed experts": (lambda n: "_exps" in n, ("experts",)),
+    "shared expert": (lambda n: "_shexp" in n, ("shared_expert",)),
+    "attention q/k/v": (lambda n: n.endswith(("attn_q.weight", "attn_k.weight", "attn_v.weight")),
+                        ("q_proj", "k_proj", "v_proj")),
+    "attention output": (lambda n: n.endswith("attn_output.weight"), ("o_proj",)),
+    "output head": (lambda n: n == "output.weight", ("head",)),
 }
+
+
+def _assert_float_rounding_or_a_decided_flip(got, ck, ids, inputs_of):
+    """llama.cpp's stepwise logits ``got`` equal the fp64 INT4 forward with its Q8_0 rounding on
+    ``inputs_of`` to float rounding (2e-6) at every position up to the first where a Q8_0 input lies
+    within float rounding of a half step and llama.cpp's fp32 decided it the other way. Such a flip is
+    checked to be one: it moves that position by > 1e-4 (drift would not), and rounding the other way
+    every reference input within 2^-20 of a half step moves it by as much. After it, the flip's effect
+    spreads through the KV cache to later positions (small beside it); the median stays at float
+    rounding."""
+    want = ref_logits_llamacpp_rounding(ck, ids, inputs_of)
+    dev = np.abs(got - want).max(-1)
+    assert np.median(dev) < 1e-6, dev
+    off = np.nonzero(dev > 2e-6)[0]
+    if len(off):
+        t = off[0]
+        flipped = ref_logits_llamacpp_rounding(ck, ids, inputs_of, flip_within=2**-20)
+        moved = np.abs(flipped - want).max(-1)[t]
+        assert dev[t] > 1e-4 and moved > 0.3 * dev[t], (t, dev[t], moved)
+    return dev
 
 
 @pytest.mark.parametrize("kind", list(ONE_KIND))
 def test_llamacpp_q4_0_equals_the_int4_forward_with_its_activation_rounding(axis_ckpts, tmp_path, kind):
-    """The code-exact claim to float rounding. Only one kind of matmul weight is Q4_0 (the rest f32,
-    ``export_gguf(only=...)``), so llama.cpp's one deliberate rounding on it -- Q8_0 blocks of 32 of
-    every input (tests/export/gguf_helpers.q8_0_round, its x86 quantize_row_q8_0) -- can be applied to
-    the fp64 INT4 forward: then llama.cpp equals it to float rounding. Measured (48 positions):
-    routed experts max 3.1e-7, shared expert, attention output and head median 1e-7 (one position of
-    the shared expert 8.6e-4: an input within float rounding of a Q8_0 rounding step), vs 1.5e-3..5e-3
-    without the rounding. Not covered: q/k/v, which keep a median 2e-4..5e-4 after it (1.4e-7 for q
-    in a 1-layer model, 4e-5..9e-5 for k/v there): llama.cpp's arithmetic around them differs in a way
-    not found yet."""
+    """The code-exact claim to float rounding, one kind of matmul at a time. Only that kind's weights
+    are Q4_0 (the rest f32, ``export_gguf(only=...)``), so llama.cpp's one deliberate rounding on it --
+    Q8_0 blocks of 32 of every input (tests/export/gguf_helpers.q8_0_round, its x86 quantize_row_q8_0)
+    -- can be applied to the fp64 INT4 forward: then llama.cpp equals it to float rounding. Measured
+    (48 positions, 4 layers, AVX-512 llama.cpp on Intel Xeons): max 1.8e-7..4.3e-7 for every kind but
+    the shared expert, whose down-projection input at position 39 sits within 2^-20 of a half step
+    (8.6e-4 there, <= 8.5e-6 after); vs 1.5e-3..5e-3 without the rounding. (q/k/v once looked
+    different: their input feeds the KV cache, so one flipped rounding spread to every later
+    position; that flip was the helper's own, see q8_0_round.)"""
     ck = axis_ckpts["in"]
     select, inputs_of = ONE_KIND[kind]
     ids = torch.randint(0, 512, (48,), generator=torch.Generator().manual_seed(0)).tolist()
     r = export_gguf(ck, tmp_path / "m.gguf", "q4_0", only=select)
     assert r.exact_q4_0 and all(select(n) for n in r.exact_q4_0)
     step, _ = llama_logits(tmp_path / "m.gguf", ids)
-    per_pos = np.abs(step - ref_logits_llamacpp_rounding(ck, ids, (inputs_of,))).max(-1)
+    dev = _assert_float_rounding_or_a_decided_flip(step, ck, ids, inputs_of)
     unrounded = np.abs(step - ref_logits_llamacpp_rounding(ck, ids, ("nothing",))).max(-1)
-    assert np.median(per_pos) < 1e-6 and np.quantile(per_pos, 0.9) < 1e-5, per_pos
-    assert np.median(unrounded) > 300 * np.median(per_pos), (unrounded, per_pos)
+    assert np.median(unrounded) > 300 * np.median(dev), (unrounded, dev)
+
+
+@pytest.mark.parametrize("type", ["q4_0", "int4"])
+def test_code_exact_gguf_equals_the_int4_forward_to_float_rounding(axis_ckpts, tmp_path, type):
+    """The whole model: an `in`-axis checkpoint's q4_0 (= its int4) GGUF is Q4_0 code for code in every
+    matmul, and llama.cpp runs it equal to the fp64 INT4 forward with llama.cpp's Q8_0 activation
+    rounding on every matmul input, to float rounding, stepwise and batched (measured: max 1.8e-7
+    over 48 positions, batched 1.2e-7; without the rounding median 6.4e-3)."""
+    ck = axis_ckpts["in"]
+    ids = torch.randint(0, 512, (48,), generator=torch.Generator().manual_seed(0)).tolist()
+    r = export_gguf(ck, tmp_path / "m.gguf", type)
+    assert r.requantized == []
+    step, batch = llama_logits(tmp_path / "m.gguf", ids)
+    dev = _assert_float_rounding_or_a_decided_flip(step, ck, ids, ("",))
+    if dev.max() < 2e-6:  # no decided flip: the prompt's last position, batched, is exact too
+        assert np.abs(batch - ref_logits_llamacpp_rounding(ck, ids)[-1]).max() < 2e-6
 
 
 def test_export_only_writes_the_rejected_matmuls_f32(axis_ckpts, tmp_path):
