@@ -13,6 +13,7 @@ One torch extension in layers (each file named after what it holds):
     isa_avx512.cpp    -mavx512f -mavx512bw -mavx512vl -mavx512vnni
     isa_avx512bf16.cpp  -mavx512bf16 (prefill attention, flash_attn.h)
     isa_amx.cpp       + -mavx512bf16 -mamx-tile -mamx-bf16 (prefill GEMMs on AMX-BF16 tiles where the OS grants them)
+    isa_amx_attention.cpp  the same flags (prefill attention on AMX-BF16 tiles)
 (the x86 units only on x86-64; isa_neon{,_dotprod,_i8mm}.cpp only on aarch64). Each ISA unit is compiled with its own flags (``BuildExt`` below) and picked at run time with
 ``__builtin_cpu_supports``, so the wheel builds and runs on a CPU without AVX-512.
 Install with ``pip install --no-build-isolation -e '.[dev]'`` (the CPU torch must be importable).
@@ -36,6 +37,7 @@ if platform.machine().lower() in ("x86_64", "amd64"):  # elsewhere (e.g. aarch64
     ISA_UNITS["isa_avx2.cpp"] = ["-mavx2", "-mfma", "-mf16c"]
     ISA_UNITS["isa_avx512.cpp"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"]
     ISA_UNITS["isa_amx.cpp"] = ISA_UNITS["isa_avx512.cpp"] + ["-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
+    ISA_UNITS["isa_amx_attention.cpp"] = ISA_UNITS["isa_amx.cpp"]
     ISA_UNITS["isa_avx512bf16.cpp"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-mf16c"]
 elif platform.machine().lower() in ("aarch64", "arm64"):
     # The baseline runs on Armv8.0 (Cortex-A53); i8mm is built for 8.2 + the feature, not 8.6, so
@@ -57,7 +59,7 @@ class BuildExt(BuildExtension):
                     output_dir=os.path.join(self.build_temp, "isa_" + os.path.splitext(unit)[0]),
                     include_dirs=[os.path.abspath(CSRC)],
                     extra_postargs=COMMON_FLAGS + ISA_STD + flags,
-                    depends=[os.path.join(CSRC, h) for h in ("mm_common.h", "flash_attn.h", "vec_math.h", "neon_kernels.h", "amx.h")],
+                    depends=[os.path.join(CSRC, h) for h in ("mm_common.h", "flash_attn.h", "vec_math.h", "neon_kernels.h", "amx.h", "amx_tiles.h")],
                 )
             ext.extra_objects = list(ext.extra_objects or []) + objects
         super().build_extension(ext)

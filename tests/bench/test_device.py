@@ -38,6 +38,8 @@ def test_quick_report_is_bench_json_plus_device(cache, tmp_path, capsys):
     assert block["kernel_isa"] in block["kernel_isas_available"]
     assert block["kernel_isa"] == kernels.active_isa()
     assert all(k["backend"] == "NativeBackend" for k in dev["kernels"].values())
+    assert all(k["kernel_paths"]["isa"] == block["kernel_isa"] for k in dev["kernels"].values())
+    assert {k["kernel_paths"]["prefill_attention"] for k in dev["kernels"].values()} <= {"amx-bf16", "avx512bf16", "sdpa"}
     assert block["memory_total_bytes"] > 0 and block["os"]["machine"]
     if block["os"]["machine"] in ("x86_64", "AMD64"):
         assert "avx2" in block["cpu_features"] or block["kernel_isas_available"] == ["portable"]

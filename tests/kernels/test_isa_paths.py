@@ -66,8 +66,8 @@ def test_every_path_follows_set_isa(ckpt, isa):
     _, paths = _run(ckpt, isa)
     fast = "avx512" if isa in ("avx512", "amx") else "portable"  # amx: avx512 with AMX prefill GEMMs
     bf16 = fast == "avx512" and _bf16_prefill_possible()
-    assert paths == {"isa": isa, "attention": fast, "router": fast,
-                     "prefill_attention": "avx512bf16" if bf16 else "sdpa"}
+    prefill = ("amx-bf16" if isa == "amx" else "avx512bf16") if bf16 else "sdpa"  # (D = 32: AMX tiles)
+    assert paths == {"isa": isa, "attention": fast, "router": fast, "prefill_attention": prefill}
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -422,10 +422,7 @@ def test_prefill_attention_matches_causal_reference(T, start, group, head_dim):
     float64 causal reference to fp32 precision; the AVX-512 BF16 kernel equals the reference computed
     from bf16-rounded q/k/v to ~3 digits (its only other rounding is p to bf16) and the exact reference
     to bf16 precision."""
-    g = torch.Generator().manual_seed(T * 7 + start + group)
-    q = torch.randn(T, group * head_dim, generator=g)
-    k = torch.randn(start + T, head_dim, generator=g).half()
-    v = torch.randn(start + T, head_dim, generator=g).half()
+    q, k, v = _prefill_inputs(T, start, group, head_dim)
     want = _causal_reference(q, k, v, group, start)
     sdpa = K._lib().prefill_attend_kv_head(q, k, v, group, start, False)
     assert torch.allclose(sdpa, want, atol=1e-5, rtol=1e-4), (sdpa - want).abs().max()
@@ -435,6 +432,38 @@ def test_prefill_attention_matches_causal_reference(T, start, group, head_dim):
     want_bf16 = _causal_reference(q, k, v, group, start, bf16_inputs=True)
     assert (got - want_bf16).abs().max() < 6e-3, (got - want_bf16).abs().max()
     assert (got - want).abs().max() < 3e-2, (got - want).abs().max()
+
+
+def _prefill_inputs(T, start, group, head_dim):
+    g = torch.Generator().manual_seed(T * 7 + start + group)
+    q = torch.randn(T, group * head_dim, generator=g)
+    k = torch.randn(start + T, head_dim, generator=g).half()
+    v = torch.randn(start + T, head_dim, generator=g).half()
+    return q, k, v
+
+
+@pytest.mark.parametrize("T,start,group,head_dim", [c for c in PREFILL_CASES if c[3] in (32, 64, 128)])
+def test_amx_prefill_attention_equals_the_bf16_kernel(T, start, group, head_dim):
+    """ISA amx runs prefill attention on AMX-BF16 tiles from the same packed bf16 K/V with the same
+    roundings (q / sqrt(D), p to bf16): only the fp32 summation order differs from the vdpbf16ps
+    kernel (ISA avx512), so the two agree far closer than either does with the fp64 reference."""
+    _amx_or_skip()
+    q, k, v = _prefill_inputs(T, start, group, head_dim)
+    try:
+        K.set_isa("avx512")
+        vdp = K._lib().prefill_attend_kv_head(q, k, v, group, start, True)
+        K.set_isa("amx")
+        assert K._lib().prefill_amx_available(head_dim)
+        amx = K._lib().prefill_attend_kv_head(q, k, v, group, start, True)
+    finally:
+        K.set_isa(None)
+    want_bf16 = _causal_reference(q, k, v, group, start, bf16_inputs=True)
+    # Summation order alone moves an output by ~1e-7; where it moves a score across a bf16 rounding
+    # step of its probability p (one bf16 ulp, <= 2^-8 p), that key's share of the output moves by
+    # that much: measured 0-0.75% of outputs above 1e-6, worst 5.6e-4 (T=257, G=8).
+    diff = (amx - vdp).abs().flatten()
+    assert diff.quantile(0.99) < 1e-6 and diff.max() < 2e-3, (diff.quantile(0.99), diff.max())
+    assert (amx - want_bf16).abs().max() < 6e-3, (amx - want_bf16).abs().max()
 
 
 def test_prefill_attention_rejects_bad_shapes():

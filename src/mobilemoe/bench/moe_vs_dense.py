@@ -63,7 +63,11 @@ def _kernel_info(engine) -> dict[str, Any]:
 
     backend = type(engine.backend).__name__
     native = backend == "NativeBackend" and kernels.is_available()
-    return {"backend": backend, "kernel_isa": kernels.active_isa() if native else None}
+    if not native:
+        return {"backend": backend, "kernel_isa": None}
+    # paths: which kernel each op family runs (e.g. prefill_attention amx-bf16 / avx512bf16 / sdpa)
+    return {"backend": backend, "kernel_isa": kernels.active_isa(),
+            "kernel_paths": dict(engine.backend.model.kernel_paths())}
 
 
 # ---------------------------------------------------------------------- workers

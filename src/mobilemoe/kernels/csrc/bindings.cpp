@@ -21,6 +21,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("expert_forward", &expert_forward, "y[M,out] = x[M,in] @ W[e] on packed stacked experts");
   m.def("moe_forward", &moe, "fused MoE layer (routed experts + optional shared SwiGLU)");
   m.def("prefill_bf16_available", &prefill_bf16_available, "whether prefill attention can use the AVX-512 BF16 kernel");
+  m.def("prefill_amx_available", &prefill_amx_available, "whether prefill attention runs on AMX-BF16 tiles (ISA amx)");
   m.def("attend_kv_head", &attend_kv_head, "one KV head's decode attention (test hook)", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("portable") = false);
   m.def("prefill_attend_kv_head", &prefill_attend_kv_head, "one KV head's causal prefill attention (test hook)",

@@ -1,4 +1,4 @@
-// Prefill attention on AVX-512 BF16 (isa_avx512bf16.cpp): causal, one KV head at a time, flash style
+// Prefill attention on AVX-512 BF16 (isa_avx512bf16.cpp) or AMX-BF16 tiles (isa_amx_attention.cpp): causal, one KV head at a time, flash style
 // (key blocks with an online softmax, so no [T, S] score matrix). Torch-free, like mm_common.h.
 //
 // The fp16 KV cache of one KV head is first packed to bf16 for the dot-product instruction
@@ -34,6 +34,13 @@ void mm_attn_pack_kv_bf16(const uint16_t* k, const uint16_t* v, int64_t S, int64
 // out[t * out_stride + h * D]. Requires (t1 - t0) * G <= MM_ATTN_MAX_ROWS.
 void mm_attn_rows_bf16(const float* q, int64_t q_stride, int64_t t0, int64_t t1, int64_t G, int64_t D,
                        int64_t start, const uint16_t* kp, const uint16_t* vp, float* out, int64_t out_stride);
+
+// The same on AMX-BF16 tiles (isa_amx_attention.cpp, x86-64 only): same packed kp / vp, same
+// roundings, only the fp32 summation order differs. For head dims filling whole 32-bf16 A tiles
+// (32, 64, 128), and only after mm_amx_enable() (amx.h) returned 1.
+int mm_attn_supports_amx(int64_t D);
+void mm_attn_rows_amx(const float* q, int64_t q_stride, int64_t t0, int64_t t1, int64_t G, int64_t D,
+                      int64_t start, const uint16_t* kp, const uint16_t* vp, float* out, int64_t out_stride);
 
 #ifdef __cplusplus
 }

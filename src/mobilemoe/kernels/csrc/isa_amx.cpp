@@ -36,6 +36,7 @@
 #include <unistd.h>
 
 #include "amx.h"
+#include "amx_tiles.h"
 
 #define MM_ARCH_GET_XCOMP_PERM 0x1022
 #define MM_ARCH_REQ_XCOMP_PERM 0x1023
@@ -62,34 +63,9 @@
 // once, so a wide call spreads that over more columns (the operators' default is 4 tiles).
 #define MM_AMX_TILE_BLOCK 16
 
-// Tile loads and the configuration load with their memory reads declared. GCC 12's intrinsics
-// declare none for tileloadd and only 8 bytes for ldtilecfg, so at -O2 it dropped stores the
-// tiles then read (converted operands, most of the config) and tilezero raised SIGILL.
-#define MM_TILE_LOADD(t, base, stride)                                                  \
-  __asm__ volatile("{tileloadd\t(%0,%1,1), %%tmm" #t "|tileloadd\t%%tmm" #t ", [%0+%1*1]}" \
-                   ::"r"((const void*)(base)), "r"((long)(stride))                    \
-                   : "memory")
-
 namespace {
 
 int g_amx_state = 0;  // 0 = not asked yet, 1 = granted, -1 = refused / unsupported
-
-// 64-byte LDTILECFG operand (palette 1).
-struct alignas(64) TileConfig {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-// Every tile is 16 rows x 64 bytes: C 16 tokens x 16 fp32, A 16 tokens x 32 bf16, B 16 k-pairs x
-// (16 columns x 2 bf16). A token tail is zero-padded in A instead, so one configuration serves all.
-void load_config() {
-  TileConfig c;
-  memset(&c, 0, sizeof(c));
-  c.palette = 1;
-  for (int i = 0; i < 8; ++i) c.rows[i] = 16, c.colsb[i] = 64;
-  __asm__ volatile("ldtilecfg\t%X0" ::"m"(c) : "memory");
-}
 
 // The converted activations of one token group, per thread, grown on demand (heap: a group's A is
 // MG x K x 2 bytes, too large for a stack). Plain malloc/free and no C++ library templates: the
@@ -265,10 +241,10 @@ inline void micro(const uint16_t* a0, int64_t sa0, const uint16_t* a1, int64_t s
       if (NJ > 1) MM_DP(3, 5, 7);
     }
   }
-  _tile_stored(0, c, 64);
-  if (NJ > 1) _tile_stored(1, c + 256, 64);
-  if (NI > 1) _tile_stored(2, c + 512, 64);
-  if (NI > 1 && NJ > 1) _tile_stored(3, c + 768, 64);
+  MM_TILE_STORED(0, c, 64);
+  if (NJ > 1) MM_TILE_STORED(1, c + 256, 64);
+  if (NI > 1) MM_TILE_STORED(2, c + 512, 64);
+  if (NI > 1 && NJ > 1) MM_TILE_STORED(3, c + 768, 64);
 }
 
 // One token group (rows <= MG tokens) against output tiles [t0, t1), in tile pairs: per pair and K
@@ -336,7 +312,7 @@ void gemm(const uint8_t* W, int64_t tile_stride, int64_t nkb, int wscaled, int64
   }
   // This thread's tile configuration is (re)loaded on every call: job-pool helpers never ran
   // ldtilecfg, and other code (oneDNN) may have loaded its own in between.
-  load_config();
+  mm_amx_load_config();
   for (int64_t g0 = 0; g0 < m_amx; g0 += MM_AMX_MG) {
     const int64_t mg = m_amx - g0 < MM_AMX_MG ? m_amx - g0 : MM_AMX_MG;
     convert_a(q + g0 * K, d + g0 * nkb, nkb, mg, a);
@@ -397,7 +373,7 @@ void expert_gemm_bf16(const uint8_t* W, int64_t tile_stride, int64_t nkb, const 
     expert_bf16_scalar(W, tile_stride, nkb, srow, t0, t1, a, lda, m, out, ldo, n_valid);
     return;
   }
-  load_config();  // per call, as in gemm
+  mm_amx_load_config();  // per call, as in gemm
   for (int64_t g0 = 0; g0 < m; g0 += MM_AMX_MG) {
     const int64_t mg = m - g0 < MM_AMX_MG ? m - g0 : MM_AMX_MG, full = mg / 16;
     const uint16_t* ag = a + g0 * lda;

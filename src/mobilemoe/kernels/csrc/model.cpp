@@ -179,7 +179,7 @@ class NativeModel {
     return {{"isa", kern->name},
             {"attention", attend == mm_attend_portable ? "portable" : kern->vector_isa},
             {"router", kern->router_rows == mm_router_rows_portable ? "portable" : kern->vector_isa},
-            {"prefill_attention", prefill_bf16 ? "avx512bf16" : "sdpa"}};
+            {"prefill_attention", mobilemoe_ops::prefill_attention_kernel(D, sdpa_forced)}};
   }
 
   // ids [T] int64 at positions [start, start+T) -> logits [V] of the last position.

@@ -1,12 +1,13 @@
 // Attention over the fp16 KV cache (ops.h): decode (one query position, the ISA unit's kernel per KV
 // group) and causal prefill (the AVX-512 BF16 kernel of flash_attn.h where the CPU has it, else
-// ATen's fp32 SDPA), plus the test hooks that run one KV head through them.
+// ATen's fp32 SDPA; on ISA amx its AMX-BF16 twin), plus the test hooks that run one KV head through them.
 #include "ops.h"
 
 #include <c10/util/ParallelGuard.h>
 
 #include <optional>
 
+#include "amx.h"
 #include "dispatch.h"
 #include "flash_attn.h"
 #include "thread_pool.h"
@@ -23,6 +24,21 @@ bool prefill_bf16_available(int64_t D) {
   (void)D;
   return false;
 #endif
+}
+
+bool prefill_amx_available(int64_t D) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return mobilemoe_api::current_isa().isa == mobilemoe_api::Isa::amx && prefill_bf16_available(D) &&
+         mm_attn_supports_amx(D) && mm_amx_enable();
+#else
+  (void)D;
+  return false;
+#endif
+}
+
+const char* prefill_attention_kernel(int64_t D, bool sdpa_forced) {
+  if (sdpa_forced || !prefill_bf16_available(D)) return "sdpa";
+  return prefill_amx_available(D) ? "amx-bf16" : "avx512bf16";
 }
 
 void decode_attention(mm_attend_fn attend, const float* q, const uint16_t* kcache, const uint16_t* vcache,
@@ -54,6 +70,7 @@ at::Tensor prefill_attention(const at::Tensor& qkv, int64_t nKV, int64_t G, int6
     parallel_jobs(nKV, [&](int64_t g) {
       mm_attn_pack_kv_bf16(kc + g * max_len * D, vc + g * max_len * D, S, D, kpp + g * Sp * D, vpp + g * Sp * D);
     });
+    const auto rows = prefill_amx_available(D) ? mm_attn_rows_amx : mm_attn_rows_bf16;
     const int64_t tile = std::max<int64_t>(1, MM_ATTN_MAX_ROWS / G), ntiles = (T + tile - 1) / tile;
     const int64_t npairs = (ntiles + 1) / 2, W = qkv.size(1);
     const float* qp = qkv.data_ptr<float>();
@@ -61,7 +78,7 @@ at::Tensor prefill_attention(const at::Tensor& qkv, int64_t nKV, int64_t G, int6
     parallel_jobs(nKV * npairs, [&](int64_t j) {
       const int64_t g = j / npairs, i = j % npairs;
       for (int64_t ti : {i, ntiles - 1 - i}) {
-        mm_attn_rows_bf16(qp + g * G * D, W, ti * tile, std::min(T, (ti + 1) * tile), G, D, start,
+        rows(qp + g * G * D, W, ti * tile, std::min(T, (ti + 1) * tile), G, D, start,
                           kpp + g * Sp * D, vpp + g * Sp * D, op + g * G * D, QO);
         if (ti == ntiles - 1 - i) break;  // the middle tile of an odd count runs once
       }

@@ -49,6 +49,10 @@ at::Tensor swiglu(const at::Tensor& gu, int64_t W);
 // Whether causal prefill attention can use the AVX-512 BF16 kernel for head width D under the
 // current ISA decision.
 bool prefill_bf16_available(int64_t D);
+// Whether that prefill attention runs on AMX-BF16 tiles (ISA amx, tiles granted, D in 32/64/128).
+bool prefill_amx_available(int64_t D);
+// The prefill attention kernel a model with head_dim D uses now: "amx-bf16", "avx512bf16" or "sdpa".
+const char* prefill_attention_kernel(int64_t D, bool sdpa_forced);
 // One query position: q [nKV * G, D] fp32 against positions [0, S) of caches [nKV, max_len, D]
 // fp16 -> out [nKV * G, D], KV groups as pool jobs.
 void decode_attention(mm_attend_fn attend, const float* q, const uint16_t* kcache, const uint16_t* vcache,
