@@ -337,15 +337,15 @@ def _linears_8da4w(st):
 def _effective(m, wrapper):
     """The weight the (maybe corrected) 8da4w linear multiplies by, fp32 [out, in]."""
     w = m.weight.dequantize()
-    return w if wrapper is None else w.scatter_add(1, wrapper.idx.long(), wrapper.val.float())
+    return w if wrapper is None else w + wrapper.shift.repeat_interleave(32, -1)
 
 
 def test_8da4w_linears_hold_the_checkpoint_codes(executorch_runtime, axis_int4):
     """Every 8da4w linear of an INT4 checkpoint (attention, shared expert, tied head) gets the
     checkpoint's own codes, and the weights the program multiplies by are load_model(ckpt)'s bit for
     bit: with signed scales (eager only) as they are; in the XNNPACK form (positive scales, codes in
-    [-8, 7], zero points 0) positive-scale groups as they are and negated groups one step short at
-    their -8 codes, which Int4StepCorrection adds back. ``fit``: positive groups exact, negated groups
+    [-8, 7], zero points 0) positive-scale groups as they are and negated groups holding a -8 one
+    step short on every entry, which Int4StepCorrection adds back per group. ``fit``: positive groups exact, negated groups
     least-squares fits, never worse than torchao's own re-quantization."""
     from mobilemoe.export.executorch import checkpoint_linear_codes, dequant_along_in
 
@@ -373,6 +373,8 @@ def test_8da4w_linears_hold_the_checkpoint_codes(executorch_runtime, axis_int4):
                     assert (w.scale > 0).all() and w.qdata.min() >= -8 and w.qdata.max() <= 7 and (sc < 0).any()
                     pos = (sc > 0).repeat_interleave(32, -1)
                     assert torch.equal(w.qdata[pos], c[pos]) and torch.equal(w.scale[sc > 0], sc[sc > 0])
+                if mode == "exact" and wrapper is not None:  # the step comes back per group, from a -8 only
+                    assert torch.equal(wrapper.shift != 0, (sc < 0) & (c.unflatten(-1, (-1, 32)) == -8).any(-1))
                 if mode == "fit":
                     assert (w.dequantize() - want).norm() <= (requant_w[name] - want).norm(), name
                 else:
